@@ -1,0 +1,181 @@
+"""Checkpoint I/O: safe loading, strict loading with one readable error, rosinality-layout export.
+
+A generator file follows rosinality's ``stylegan2-ffhq-config-f.pt`` layout::
+
+    {"g_ema": state_dict, "latent_avg": (style_dim,), ["g": state_dict, "d": state_dict], ["meta": {...}]}
+
+``meta`` is this project's addition (constructor kwargs, producer); official files have none, so the
+architecture is then inferred from the state-dict shapes.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .stylegan2 import Discriminator, Generator
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, unsafe, or does not fit the network."""
+
+
+def safe_load(path, *, trust: bool = False, map_location="cpu") -> Any:
+    """Load a torch file with ``weights_only=True``.
+
+    Args:
+        path: file to read.
+        trust: allow full unpickling (arbitrary code execution) for files that need it; only for
+            files from a source you trust.
+    Raises:
+        CheckpointError: missing file, or a file that needs arbitrary unpickling without ``trust``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust:
+            raise CheckpointError(
+                f"{path} cannot be loaded with torch.load(weights_only=True): it contains pickled objects "
+                f"that would run arbitrary code when loaded ({str(err).splitlines()[0][:200]}). "
+                f"If you trust its source, pass trust=True (config: checkpoint_trust=true)."
+            ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {err}") from None
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def describe_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor], limit: int = 12) -> str:
+    """Return '' when ``state`` fits ``module`` exactly, else a report of missing/unexpected/mis-shaped keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [f"{k}: file {tuple(state[k].shape)} vs network {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)):
+        if items:
+            more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:limit]) + more)
+    return "\n".join(parts)
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with one readable ``CheckpointError`` naming ``source``."""
+    report = describe_mismatch(module, state)
+    if report:
+        raise CheckpointError(f"{source} does not fit {type(module).__name__}"
+                              f"({getattr(module, 'config', '')}):\n{report}")
+    module.load_state_dict(state, strict=True)
+
+
+def infer_generator_config(g_state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """Infer Generator kwargs (size, style_dim, n_mlp, channel_multiplier, channel_max) from a g_ema state dict."""
+    try:
+        style_dim = g_state["conv1.conv.modulation.weight"].shape[1]
+        n_mlp = len({k.split(".")[1] for k in g_state if re.match(r"style\.\d+\.weight$", k)})
+        n_rgb = len({k.split(".")[1] for k in g_state if k.startswith("to_rgbs.")})
+        size = 2 ** (n_rgb + 2)
+        channels = {4: g_state["input.input"].shape[1]}
+        for k in range(n_rgb):
+            channels[2 ** (k + 3)] = g_state[f"convs.{2 * k}.conv.weight"].shape[1]
+    except KeyError as err:
+        raise CheckpointError(f"not a StyleGAN2 generator state dict (no key {err})") from None
+    channel_max = max(channels.values())
+    # smallest multiplier reproducing the table: channels[res] = min(max, 16384*cm/res)
+    cm = 2
+    for res, ch in channels.items():
+        if ch < channel_max:
+            cm = ch * res / 16384
+            break
+    cm = int(cm) if float(cm).is_integer() else cm
+    return dict(size=size, style_dim=style_dim, n_mlp=n_mlp, channel_multiplier=cm, channel_max=channel_max)
+
+
+def export_generator(path, g_ema: Generator, latent_avg: torch.Tensor, *, g: Optional[Generator] = None,
+                     d: Optional[Discriminator] = None, meta: Optional[Dict[str, Any]] = None) -> Path:
+    """Write a rosinality-layout generator file (readable by ``torch.load(weights_only=True)``).
+
+    Args:
+        path: output file (parent directories are created).
+        g_ema: the generator to publish; g, d: optional training networks.
+        latent_avg: mean w, (style_dim,) or (1, style_dim).
+        meta: extra JSON-like information (producer, step, config); constructor kwargs are added.
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt: Dict[str, Any] = {"g_ema": _cpu_state(g_ema), "latent_avg": latent_avg.detach().reshape(-1).cpu()}
+    info = {"generator": dict(g_ema.config)}
+    if g is not None:
+        ckpt["g"] = _cpu_state(g)
+    if d is not None:
+        ckpt["d"] = _cpu_state(d)
+        info["discriminator"] = dict(d.config)
+    info.update(meta or {})
+    ckpt["meta"] = info
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)  # atomic: a killed run never leaves a half-written hand-off
+    return path
+
+
+def _cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def load_generator(path, *, config: Optional[Mapping[str, Any]] = None, trust: bool = False,
+                   key: str = "g_ema", map_location="cpu") -> Tuple[Generator, torch.Tensor]:
+    """Build and strictly load a Generator from a rosinality-layout file.
+
+    Args:
+        path: ``generator.pt`` / ``stylegan2-ffhq-config-f.pt``-style file.
+        config: Generator kwargs; default: the file's ``meta.generator``, else inferred from shapes.
+        key: which generator to load ("g_ema" or "g").
+    Returns:
+        (generator in eval mode, latent_avg (style_dim,)). latent_avg is computed from 4096 fixed z
+        when the file has none.
+    Raises:
+        CheckpointError: unreadable file, wrong layout, or keys/shapes that do not fit.
+    """
+    ckpt = safe_load(path, trust=trust, map_location=map_location)
+    if not isinstance(ckpt, Mapping) or key not in ckpt:
+        found = sorted(ckpt)[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a StyleGAN2 generator file: expected a dict with {key!r} "
+                              f"(rosinality layout: g_ema, latent_avg), found {found}")
+    state = ckpt[key]
+    cfg = dict(config or (ckpt.get("meta") or {}).get("generator") or infer_generator_config(state))
+    generator = Generator(**cfg)
+    load_strict(generator, state, f"{path} [{key}]")
+    latent_avg = ckpt.get("latent_avg")
+    if latent_avg is None:
+        latent_avg = generator.mean_latent(4096, seed=0)
+    latent_avg = latent_avg.reshape(-1)
+    if latent_avg.numel() != generator.style_dim:
+        raise CheckpointError(f"{path}: latent_avg has {latent_avg.numel()} values, generator style_dim is "
+                              f"{generator.style_dim}")
+    return generator.eval(), latent_avg
+
+
+def load_discriminator(path, *, config: Optional[Mapping[str, Any]] = None, trust: bool = False) -> Discriminator:
+    """Strictly load the ``d`` entry of a generator file into a Discriminator."""
+    ckpt = safe_load(path, trust=trust)
+    if not isinstance(ckpt, Mapping) or "d" not in ckpt:
+        raise CheckpointError(f"{path} has no discriminator ('d') entry")
+    cfg = dict(config or (ckpt.get("meta") or {}).get("discriminator") or _infer_d_config(ckpt))
+    d = Discriminator(**cfg)
+    load_strict(d, ckpt["d"], f"{path} [d]")
+    return d
+
+
+def _infer_d_config(ckpt) -> Dict[str, Any]:
+    gcfg = (ckpt.get("meta") or {}).get("generator") or infer_generator_config(ckpt["g_ema"])
+    return dict(size=gcfg["size"], channel_multiplier=gcfg["channel_multiplier"], channel_max=gcfg["channel_max"])
