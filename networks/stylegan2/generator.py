@@ -212,7 +212,7 @@ class Generator(nn.Module):
                 return tensor
             return hook
 
-        out = self.input(latent.shape[0])
+        out = self.input(latent.shape[0], channels_last=self.impl == "fast")
         out = self.conv1(out, latent[:, 0], noise=noise[0], hook=hook_for("conv1"))
         skip = self.to_rgb1(out, latent[:, 1])
         i = 1
@@ -222,4 +222,4 @@ class Generator(nn.Module):
                                         hook=hook_for(f"convs.{2 * k + 1}"))
             skip = to_rgb(out, latent[:, i + 2], skip)
             i += 2
-        return SynthesisOutput(skip, features)
+        return SynthesisOutput(skip.contiguous(), features)

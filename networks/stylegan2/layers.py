@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import LRELU_GAIN, bias_leaky_relu, make_kernel, upfirdn2d
+from .ops import LRELU_GAIN, bias_leaky_relu, conv_transpose2x, make_kernel, upfirdn2d
 
 
 def _per_sample(t: torch.Tensor, base_ndim: int) -> bool:
@@ -122,7 +122,7 @@ class Upsample(ImplMixin, nn.Module):
 class ModulatedConv2d(ImplMixin, nn.Module):
     """Style-modulated (and optionally demodulated) convolution, optionally 2x up/down-sampling.
 
-    Weight (1, out, in, k, k), or per-sample (B, out, in, k, k). forward(x (B, in, H, W),
+    Weight (1, out, in, k, k), or per-sample (B, 1, out, in, k, k). forward(x (B, in, H, W),
     style (B, style_dim)) -> (B, out, H', W'). The "ref" path is rosinality's grouped ("fused")
     convolution. The "fast" path with a shared weight scales the *activations* by the style and
     the output by the demodulation coefficients around one ordinary convolution, which is the same
@@ -152,22 +152,26 @@ class ModulatedConv2d(ImplMixin, nn.Module):
         return (f"{self.in_channel}, {self.out_channel}, {self.kernel_size}, "
                 f"upsample={self.upsample}, downsample={self.downsample}, demodulate={self.demodulate}")
 
-    def forward(self, x: torch.Tensor, style: torch.Tensor, out_gain: float = 1.0) -> torch.Tensor:
-        """``out_gain`` multiplies the result (folded into the demodulation; used by StyledConv)."""
-        style = self.modulation(style)
-        if self.impl == "fast" and self.weight.shape[0] == 1 and not _per_sample(self.weight, 5):
-            return self._forward_shared(x, style, out_gain)
-        return self._forward_grouped(x, style, out_gain)
+    def forward(self, x: torch.Tensor, style: torch.Tensor, out_gain: float = 1.0,
+                addend: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Return ``conv(x, style) * out_gain + addend``.
 
-    def _demod(self, weight: torch.Tensor) -> torch.Tensor:
-        return torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + self.eps)
+        ``out_gain`` is folded into the demodulation and ``addend`` (broadcastable, e.g. the
+        (1, C, H, W) noise + bias term of StyledConv) is added in the same pass.
+        """
+        style = self.modulation(style)
+        if self.impl == "fast" and not _per_sample(self.weight, 5):
+            return self._forward_shared(x, style, out_gain, addend)
+        out = self._forward_grouped(x, style, out_gain)
+        return out if addend is None else out + addend
 
     def _forward_grouped(self, x, style, out_gain):
         batch, in_ch, h, w = x.shape
         k = self.kernel_size
-        weight = self.scale * self.weight * style.view(batch, 1, in_ch, 1, 1)
+        weight = self.weight[:, 0] if _per_sample(self.weight, 5) else self.weight  # (1|B, out, in, k, k)
+        weight = self.scale * weight * style.view(batch, 1, in_ch, 1, 1)
         if self.demodulate:
-            weight = weight * self._demod(weight).view(batch, self.out_channel, 1, 1, 1)
+            weight = weight * torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + self.eps).view(batch, -1, 1, 1, 1)
         if out_gain != 1.0:
             weight = weight * out_gain
         if self.upsample:
@@ -184,25 +188,24 @@ class ModulatedConv2d(ImplMixin, nn.Module):
             out = F.conv2d(x, weight.reshape(batch * self.out_channel, in_ch, k, k), padding=self.padding, groups=batch)
         return out.view(batch, self.out_channel, out.shape[-2], out.shape[-1])
 
-    def _forward_shared(self, x, style, out_gain):
+    def _forward_shared(self, x, style, out_gain, addend):
         batch = x.shape[0]
         weight = self.scale * self.weight[0]  # (out, in, k, k)
         x = x * style.view(batch, -1, 1, 1)
         if self.upsample:
-            out = F.conv_transpose2d(x, weight.transpose(0, 1), padding=0, stride=2)
+            out = self.blur(conv_transpose2x(x, weight))
         elif self.downsample:
             out = F.conv2d(self.blur(x), weight, padding=0, stride=2)
         else:
             out = F.conv2d(x, weight, padding=self.padding)
         if self.demodulate:
             # sum_{i,k} (w[o,i,k] * s[b,i])^2 as s^2 @ sum_k w^2, without materialising B weight copies
-            coef = torch.rsqrt(style.pow(2) @ weight.pow(2).sum([2, 3]).t() + self.eps) * out_gain
-            out = out * coef.view(batch, -1, 1, 1)  # before the blur: it is linear and per-channel
+            coef = (torch.rsqrt(style.pow(2) @ weight.pow(2).sum([2, 3]).t() + self.eps) * out_gain).view(batch, -1, 1, 1)
         elif out_gain != 1.0:
-            out = out * out_gain
-        if self.upsample:
-            out = self.blur(out)
-        return out
+            coef = out.new_tensor(out_gain)
+        else:
+            return out if addend is None else out + addend
+        return out * coef if addend is None else torch.addcmul(addend, out, coef)
 
 
 class NoiseInjection(nn.Module):
@@ -212,16 +215,17 @@ class NoiseInjection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
 
-    def scaled_noise(self, x: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
-        """Return weight * noise broadcastable to ``x``; draws N(0, 1) noise when ``noise`` is None."""
+    def scaled_noise(self, size, like: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """Return weight * noise, (B|1, 1, H, W); draws N(0, 1) noise of ``size`` = (B, H, W) when None."""
         if noise is None:
-            b, _, h, w = x.shape
-            noise = x.new_empty(b, 1, h, w).normal_()
+            b, h, w = size
+            noise = like.new_empty(b, 1, h, w).normal_()
         weight = self.weight.view(-1, 1, 1, 1) if _per_sample(self.weight, 1) else self.weight
         return weight * noise
 
     def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return x + self.scaled_noise(x, noise)
+        b, _, h, w = x.shape
+        return x + self.scaled_noise((b, h, w), x, noise)
 
 
 class ConstantInput(nn.Module):
@@ -231,10 +235,10 @@ class ConstantInput(nn.Module):
         super().__init__()
         self.input = nn.Parameter(torch.randn(1, channel, size, size))
 
-    def forward(self, batch: int) -> torch.Tensor:
-        if _per_sample(self.input, 4):
-            return self.input[:, 0]
-        return self.input.repeat(batch, 1, 1, 1)
+    def forward(self, batch: int, channels_last: bool = False) -> torch.Tensor:
+        out = self.input[:, 0] if _per_sample(self.input, 4) else self.input.repeat(batch, 1, 1, 1)
+        # oneDNN convolutions and depthwise filters run faster on NHWC; every op downstream keeps it
+        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 class StyledConv(ImplMixin, nn.Module):
@@ -257,11 +261,14 @@ class StyledConv(ImplMixin, nn.Module):
     def forward(self, x, style, noise=None, hook=None):
         per_sample_bias = _per_sample(self.activate.bias, 1)
         if self.impl == "fast" and hook is None:
-            # gain folded into the conv output; noise and bias added in one pass; in-place activation
-            out = self.conv(x, style, out_gain=LRELU_GAIN)
+            # gain folded into the demodulation, the small noise + bias term added in the same pass,
+            # then an in-place activation: lrelu(z) * g == lrelu(z * g) for g > 0
             bias = self.activate.bias
             bias = bias.view(bias.shape[0], -1, 1, 1) if per_sample_bias else bias.view(1, -1, 1, 1)
-            out = out + (self.noise.scaled_noise(out, noise) + bias) * LRELU_GAIN
+            b, _, h, w = x.shape
+            size = (b, 2 * h, 2 * w) if self.conv.upsample else (b, h, w)
+            addend = (self.noise.scaled_noise(size, x, noise) + bias) * LRELU_GAIN
+            out = self.conv(x, style, out_gain=LRELU_GAIN, addend=addend)
             return F.leaky_relu_(out, 0.2)
         out = self.conv(x, style)
         if hook is not None:
