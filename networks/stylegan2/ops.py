@@ -81,6 +81,8 @@ def _upfirdn2d_fast(x, kernel, up, down, pad):
     kh, kw = kernel.shape
     weight = torch.flip(kernel, [0, 1]).to(x.dtype)
     if up == 1:
+        if pad[0] == pad[1] >= 0:  # let the convolution pad: saves a full copy of the input
+            return F.conv2d(x, weight.expand(c, 1, kh, kw), stride=down, padding=pad[0], groups=c)
         x = _pad_or_crop(x, pad[0], pad[1])
         return F.conv2d(x, weight.expand(c, 1, kh, kw), stride=down, groups=c)
     # Zero insertion followed by a convolution is a transposed convolution with stride `up`:
@@ -121,7 +123,7 @@ def conv_transpose2x(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         for rx in range(min(2, k)):
             taps = weight[:, :, ry::2, rx::2].flip([2, 3])
             ny, nx = taps.shape[-2:]
-            phase = F.conv2d(F.pad(x, [nx - 1, nx - 1, ny - 1, ny - 1]), taps)
+            phase = F.conv2d(x, taps, padding=(ny - 1, nx - 1))
             out[:, :, ry::2, rx::2] = phase
     return out
 
