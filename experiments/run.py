@@ -1,0 +1,138 @@
+"""Entry point of every experiment: `python experiments/run.py +exp=<name> [group=option ...] [key=value ...]`.
+
+Runs from the repository root without installing (the root is put on sys.path). `--help` lists the
+experiments, config groups and main keys.
+
+Flow: check the command line -> compose the config (Hydra) -> check the run directory -> seed ->
+instantiate `data`, `model`, `callbacks`, `logger`, `trainer` -> `trainer.fit(model, datamodule, ckpt_path)`
+-> on rank zero `model.export_handoff(run_dir)` (stage 0 writes `<run_dir>/generator.pt`) and print its path.
+
+Run directory (`paths.run_dir`): `outputs/<task_name>/<YYYY-mm-dd_HH-MM-SS-ffffff>` by default (the
+SLURM job id instead of the time stamp under SLURM, so all ranks of one job agree). Choose it with
+`paths.run_dir=PATH` (with torchrun outside SLURM, pass it explicitly). Under multirun each job gets
+`<sweep dir>/<job number>`; run.py sets `paths.run_dir` to Hydra's actual output dir in every case. It receives `config.yaml` (resolved), `.hydra/` (unresolved config, overrides),
+`run.log`, `checkpoints/`, `wandb/` and the stage's hand-off file.
+
+Resume / overwrite (see experiments/utils/run_dir.py): if the run directory already holds an earlier
+run's outputs (`checkpoints/`, `*.pt`), the run stops unless `resume=true` (continue from
+`checkpoints/last.ckpt`, re-using the W&B run id) or `overwrite=true` (delete those outputs, start over).
+`ckpt_path=PATH` starts fit() from any Lightning checkpoint.
+
+W&B: offline unless `WANDB_MODE=online`; its files go to the run directory (`WANDB_DIR`), and the run
+is finished at the end of every job (multirun safety).
+"""
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+_USER_WANDB_DIR = os.environ.get("WANDB_DIR")  # a user's explicit choice wins over the per-run default
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+from experiments.utils import (  # noqa: E402
+    UserError,
+    apply_run_dir_plan,
+    get_logger,
+    instantiate_callbacks,
+    instantiate_loggers,
+    plan_run_dir,
+    previous_wandb_id,
+    report_user_errors,
+)
+from experiments.utils.cli import available_exps, check_command_line  # noqa: E402
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+log = get_logger(__name__)
+
+
+def save_run_configs(cfg: DictConfig, run_dir: Path) -> None:
+    """Writes `config.yaml` (resolved) and `.hydra/{config,overrides}.yaml` (as composed) into `run_dir`."""
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), run_dir / ".hydra" / "overrides.yaml")
+
+
+def finish_wandb() -> None:
+    """Finishes the active W&B run, if any, so that the next multirun job starts its own."""
+    wandb = sys.modules.get("wandb")  # never import wandb just to find out there is nothing to finish
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def train(cfg: DictConfig) -> Path | None:
+    """Runs one experiment from a composed config; returns the hand-off file path (rank zero) or None."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if HydraConfig.get().runtime.choices.get("exp") is None:
+        raise UserError(f"No experiment given: add +exp=<name>. Available: {', '.join(available_exps(CONFIG_DIR))}.")
+    # Hydra's output dir is the truth: it differs from paths.run_dir under multirun and in DDP child processes.
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+    OmegaConf.to_container(cfg, resolve=True)  # fail now on ??? values / bad interpolations, not mid-run
+    is_zero = rank_zero_only.rank == 0
+
+    plan = plan_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    ckpt_path = cfg.get("ckpt_path") or plan.ckpt_path
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise UserError(f"ckpt_path={ckpt_path}: no such file.")
+    if plan.ckpt_path and OmegaConf.select(cfg, "logger.wandb") is not None and cfg.logger.wandb.get("id") is None:
+        cfg.logger.wandb.id = previous_wandb_id(run_dir)  # continue the same W&B run
+    if not _USER_WANDB_DIR:
+        os.environ["WANDB_DIR"] = str(run_dir)
+
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    # Build everything before touching the run directory: a bad setting fails without side effects.
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    log.info(f"Run directory: {run_dir}")
+    if is_zero:
+        for path in apply_run_dir_plan(plan):
+            log.warning(f"overwrite=true: deleted {path}")
+        save_run_configs(cfg, run_dir)
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if ckpt_path:
+        log.info(f"Starting from checkpoint {ckpt_path}")
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    if trainer.interrupted:
+        log.warning(f"Training was interrupted; continue with: resume=true paths.run_dir={run_dir}")
+        return None
+    if not trainer.is_global_zero:
+        return None
+    path = Path(model.export_handoff(run_dir))
+    print(f"Hand-off written: {path}")
+    return path
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Hydra task: `train(cfg)` with user errors printed briefly, and W&B always finished."""
+    try:
+        with report_user_errors():
+            train(cfg)
+    finally:
+        finish_wandb()
+
+
+if __name__ == "__main__":
+    if message := check_command_line(sys.argv[1:], CONFIG_DIR):
+        print(f"Error: {message}", file=sys.stderr)
+        sys.exit(1)
+    main()

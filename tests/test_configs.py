@@ -1,0 +1,124 @@
+"""The Hydra config tree: every experiment composes and builds; +exp semantics; presets; paths."""
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from experiments.utils import instantiate_callbacks, instantiate_loggers
+from experiments.utils.cli import available_exps
+from tests.conftest import CONFIG_DIR
+
+EXPS = available_exps(CONFIG_DIR)
+
+
+def raw_compose(overrides):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def test_exp_folder_lists_the_experiments():
+    assert "stylegan" in EXPS
+    for name in EXPS:
+        assert (CONFIG_DIR / "exp" / f"{name}.yaml").read_text().startswith("# @package _global_")
+
+
+@pytest.mark.parametrize("exp", EXPS)
+def test_every_exp_composes_and_builds_data_trainer_callbacks(exp, compose_cfg, make_images, tmp_path):
+    make_images(tmp_path / "images", [f"{i}.png" for i in range(4)], size=(8, 8))
+    cfg = compose_cfg([f"+exp={exp}", f"data.root={tmp_path / 'images'}", "data.num_workers=0", "data.batch_size=2",
+                       "trainer=cpu", "logger=csv"])
+    OmegaConf.to_container(cfg, resolve=True)  # no dangling interpolation or ??? left
+    assert cfg.task_name == exp
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader())).shape[1:] == (3, cfg.generator.size, cfg.generator.size)
+    callbacks = instantiate_callbacks(cfg.callbacks)
+    loggers = instantiate_loggers(cfg.logger)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    assert trainer.max_steps == cfg.trainer.max_steps
+    assert Path(trainer.checkpoint_callback.dirpath) == tmp_path / "run" / "checkpoints"
+    assert Path(trainer.logger.log_dir).is_relative_to(tmp_path / "run")
+
+
+def test_stage0_model_builds_from_config(compose_cfg):
+    module = pytest.importorskip("lightning_modules.stylegan2_module")
+    cfg = compose_cfg(["+exp=stylegan", "data.root=unused", "generator.size=16", "generator.channel_max=16"])
+    model = instantiate(cfg.model)
+    assert isinstance(model, module.StyleGAN2Module)
+    assert model.hparams.generator["size"] == 16 and model.hparams.discriminator["size"] == 16
+    assert isinstance(model.hparams.generator, dict) and isinstance(model.hparams.generator["blur_kernel"], list)
+
+
+def test_exp_is_appended_not_a_default():
+    cfg = raw_compose([])
+    assert "exp" not in cfg.hydra.runtime.choices and cfg.task_name == "run"
+    with pytest.raises(ConfigCompositionException, match=r"\+exp=stylegan"):
+        raw_compose(["exp=stylegan"])
+    assert raw_compose(["+exp=stylegan"]).hydra.runtime.choices.exp == "stylegan"
+
+
+def test_command_line_wins_over_exp_and_sizes_follow_the_generator():
+    cfg = raw_compose(["+exp=stylegan", "generator=ffhq256", "data.batch_size=3", "trainer.max_steps=7"])
+    assert cfg.generator.size == 256 and cfg.data.resolution == 256
+    assert cfg.model.discriminator == {"size": 256, "channel_multiplier": 2, "channel_max": 512}
+    assert cfg.data.batch_size == 3 and cfg.trainer.max_steps == 7
+
+
+def test_debug_fdr_keeps_its_settings_next_to_an_exp():
+    cfg = raw_compose(["+exp=stylegan", "debug=fdr"])
+    assert cfg.trainer.fast_dev_run is True and cfg.trainer.accelerator == "cpu"
+    assert cfg.data.num_workers == 0 and not cfg.logger
+    assert cfg.paths.output_dir.endswith("outputs/debug")
+
+
+def test_generator_presets_match_rosinality_configs():
+    expected = {
+        "tiny": dict(size=64, style_dim=128, n_mlp=4, channel_multiplier=1, channel_max=64),
+        "ffhq256": dict(size=256, style_dim=512, n_mlp=8, channel_multiplier=2, channel_max=512),
+        "ffhq1024": dict(size=1024, style_dim=512, n_mlp=8, channel_multiplier=2, channel_max=512),
+    }
+    for name, values in expected.items():
+        g = raw_compose([f"generator={name}"]).generator
+        assert {k: g[k] for k in values} == values and g.lr_mlp == 0.01 and list(g.blur_kernel) == [1, 3, 3, 1]
+
+
+def test_stage0_model_keys():
+    model = raw_compose(["+exp=stylegan"]).model
+    assert model._target_ == "lightning_modules.stylegan2_module.StyleGAN2Module"
+    assert (model.lr, model.r1_every, model.pl_weight, model.pl_every) == (0.002, 16, 0.0, 4)
+    assert (model.ema_beta, model.mixing_prob, model.sample_every_n_steps, model.n_samples) == (0.999, 0.9, 500, 16)
+
+
+def test_trainer_presets():
+    t = {name: raw_compose([f"trainer={name}"]).trainer for name in ("cpu", "gpu", "gpu_amp", "ddp", "ddp_cpu")}
+    assert t["cpu"].accelerator == "cpu"
+    assert t["gpu"].accelerator == "gpu" and t["gpu"].precision == "32-true"
+    assert t["gpu_amp"].precision == "16-mixed"
+    assert t["ddp"].strategy == t["ddp_cpu"].strategy == "ddp_find_unused_parameters_true"
+    assert (t["ddp_cpu"].accelerator, t["ddp_cpu"].devices) == ("cpu", 2)
+
+
+def test_run_dir_defaults_unique_or_slurm_job_and_can_be_set(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    cfg = raw_compose(["+exp=stylegan"])
+    assert cfg.hydra.run.dir == cfg.paths.run_dir
+    assert re.fullmatch(r".*/outputs/stylegan/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}", cfg.paths.run_dir)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    cfg = raw_compose(["+exp=stylegan"])
+    assert cfg.paths.run_dir.endswith("outputs/stylegan/4242") and cfg.hydra.sweep.dir.endswith("multirun_4242")
+    assert raw_compose(["+exp=stylegan", "paths.run_dir=/x/my_run"]).hydra.run.dir == "/x/my_run"
+
+
+def test_wandb_logger_offline_by_default_into_the_run_dir(compose_cfg, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = compose_cfg(["+exp=stylegan", "logger=wandb"])
+    node = cfg.logger.wandb
+    assert node.mode == "offline" and node.project == "invertlab" and node.save_dir == cfg.paths.run_dir
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert cfg.logger.wandb.mode == "online"
+    none = raw_compose(["logger=none", "callbacks=none"])
+    assert instantiate_loggers(none.logger) == [] and instantiate_callbacks(none.callbacks) == []
