@@ -46,17 +46,20 @@ class Discriminator(nn.Module):
         for m in self.modules():
             if isinstance(m, ImplMixin):
                 m.impl = impl
+        self.impl = impl
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "fast":
+            x = x.contiguous(memory_format=torch.channels_last)  # faster oneDNN convolutions
         out = self.convs(x)
         batch, channel, h, w = out.shape
         group = min(batch, self.stddev_group)
         if batch % group:
             raise ValueError(f"Discriminator batch {batch} must be divisible by the stddev group {group}")
-        stddev = out.view(group, -1, self.stddev_feat, channel // self.stddev_feat, h, w)
+        stddev = out.reshape(group, -1, self.stddev_feat, channel // self.stddev_feat, h, w)
         stddev = torch.sqrt(stddev.var(0, unbiased=False) + 1e-8)
         stddev = stddev.mean([2, 3, 4], keepdim=True).squeeze(2)
         stddev = stddev.repeat(group, 1, h, w)
         out = self.final_conv(torch.cat([out, stddev], 1))
-        return self.final_linear(out.view(batch, -1))
+        return self.final_linear(out.reshape(batch, -1))
