@@ -16,6 +16,9 @@ Notes for trainers:
   backward, so use ``strategy="ddp_find_unused_parameters_true"``.
 * Mixed precision (``"16-mixed"`` / ``"bf16-mixed"``): the adversarial passes run under autocast,
   the R1 and path-length passes in float32 (their input gradients under-/overflow in fp16).
+* Fine-tuning: ``init_checkpoint`` loads a rosinality-layout generator file (``g_ema``, optional ``g``
+  and ``d``) at construction, so a bad file fails before anything is written. When ``fit`` resumes
+  from a Lightning checkpoint, Lightning restores that checkpoint afterwards and its state wins.
 """
 from __future__ import annotations
 
@@ -25,9 +28,11 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_modules.gan_losses import d_logistic_loss, g_nonsaturating_loss, path_length_penalty, r1_penalty
-from networks.checkpoints import export_generator
+from networks.checkpoints import (CheckpointError, describe_mismatch, export_generator, infer_generator_config,
+                                  safe_load)
 from networks.stylegan2 import Discriminator, Generator
 
 PRODUCED_BY = "stage0 StyleGAN2Module"
@@ -85,6 +90,12 @@ class StyleGAN2Module(pl.LightningModule):
             ``min(ema_beta, (1 + t) / (10 + t))`` so early iterations are not dominated by the init.
         mixing_prob: probability of style mixing (two z, random crossover layer) per batch.
         sample_every_n_steps, n_samples, sample_seed: defaults read by ``callbacks.sample_grid.SampleGrid``.
+        init_checkpoint: optional generator file to start from (``stylegan2-ffhq-config-f.pt``, a
+            stage-0 ``generator.pt``): ``g_ema`` goes into ``g_ema`` and ``g``, the file's ``g`` (if
+            any) into ``g``, its ``d`` (if any) into ``d``, all strictly; its ``latent_avg`` is kept as
+            ``init_latent_avg`` (style_dim,). Raises ``CheckpointError`` if the file is missing, unsafe
+            or does not fit ``generator`` / ``discriminator``.
+        checkpoint_trust: allow ``init_checkpoint`` files that need arbitrary unpickling (trusted sources only).
 
     Batches are image tensors (B, 3, size, size) in [-1, 1], or a tuple/list whose first item is one,
     or a dict with key ``"image"``. B must be divisible by min(B, 4) (minibatch-stddev groups).
@@ -93,7 +104,8 @@ class StyleGAN2Module(pl.LightningModule):
     def __init__(self, generator: dict, discriminator: dict, lr: float = 0.002, r1_gamma: float = 10.0,
                  r1_every: int = 16, pl_weight: float = 0.0, pl_every: int = 4, pl_batch_shrink: int = 2,
                  ema_beta: float = 0.999, mixing_prob: float = 0.9, sample_every_n_steps: int = 500,
-                 n_samples: int = 16, sample_seed: int = 0):
+                 n_samples: int = 16, sample_seed: int = 0, init_checkpoint: Optional[str] = None,
+                 checkpoint_trust: bool = False):
         super().__init__()
         generator = _as_kwargs(generator, "generator")
         discriminator = _as_kwargs(discriminator, "discriminator")
@@ -123,6 +135,14 @@ class StyleGAN2Module(pl.LightningModule):
         self.g_ema.load_state_dict(self.g.state_dict())
         self.g_ema.requires_grad_(False)  # trained only through the EMA; train/eval mode is irrelevant (no BN/dropout)
         self.register_buffer("mean_path_length", torch.zeros(()))
+        # Not persistent: Lightning checkpoints keep their keys whether or not a file was used.
+        self.register_buffer("init_latent_avg", None, persistent=False)
+        if init_checkpoint is not None and not isinstance(init_checkpoint, (str, Path)):
+            raise TypeError(f"StyleGAN2Module: model.init_checkpoint must be a file path or null, "
+                            f"got {type(init_checkpoint).__name__}")
+        self.init_checkpoint = str(init_checkpoint) if init_checkpoint else None
+        if self.init_checkpoint:
+            self._load_init_checkpoint(Path(self.init_checkpoint).expanduser(), bool(checkpoint_trust))
 
         self.lr, self.r1_gamma, self.r1_every = float(lr), float(r1_gamma), int(r1_every)
         self.pl_weight, self.pl_every, self.pl_batch_shrink = float(pl_weight), int(pl_every), int(pl_batch_shrink)
@@ -134,15 +154,28 @@ class StyleGAN2Module(pl.LightningModule):
     # ------------------------------------------------------------------ public API
     def forward(self, z: torch.Tensor, truncation: float = 1.0) -> torch.Tensor:
         """Decode z (B, style_dim) with ``g_ema`` (stored noise) -> images (B, 3, size, size) in ~[-1, 1]."""
-        latent_avg = self.g_ema.mean_latent(4096, seed=0) if truncation < 1 else None
+        latent_avg = self.latent_avg().view(1, -1) if truncation < 1 else None
         return self.g_ema([z], truncation=truncation, truncation_latent=latent_avg)[0]
+
+    @torch.no_grad()
+    def latent_avg(self) -> torch.Tensor:
+        """Mean w of ``g_ema``, (style_dim,).
+
+        The ``init_checkpoint`` file's ``latent_avg`` while ``g_ema`` is still the file's (no iteration
+        trained yet); otherwise the mean of w over 4096 fixed z (the file's value is stale once the
+        mapping network has been fine-tuned).
+        """
+        if self.init_latent_avg is not None and int(self.global_step) == 0:
+            return self.init_latent_avg.detach().clone()
+        return self.g_ema.mean_latent(4096, seed=0).reshape(-1)
 
     def export_handoff(self, run_dir) -> Path:
         """Write ``run_dir/generator.pt`` (rosinality layout: g_ema, latent_avg, g, d, meta); returns its path."""
-        latent_avg = self.g_ema.mean_latent(4096, seed=0).reshape(-1)
+        latent_avg = self.latent_avg()
         meta = {
             "produced_by": PRODUCED_BY,
             "global_step": int(self.global_step),
+            "init_checkpoint": self.init_checkpoint,
             "generator": dict(self.g_ema.config),
             "discriminator": dict(self.d.config),
             "module": self._plain_hparams(),
@@ -178,6 +211,73 @@ class StyleGAN2Module(pl.LightningModule):
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=real.shape[0])
 
     # ------------------------------------------------------------------ internals
+    def _load_init_checkpoint(self, path: Path, trust: bool) -> None:
+        """Strictly load g_ema (-> g_ema and g), g (-> g) and d (-> d) from a generator file."""
+        where = f"model.init_checkpoint={path}"
+        if not path.is_file():
+            raise CheckpointError(
+                f"{where}: no such file. Give a generator file in the rosinality layout (e.g. "
+                f"stylegan2-ffhq-config-f.pt or a stage-0 generator.pt), or model.init_checkpoint=null to train "
+                f"from scratch (null is also fine when resuming: the weights then come from the Lightning checkpoint).")
+        try:
+            ckpt = safe_load(path, trust=trust)
+        except CheckpointError as err:
+            hint = ""
+            if not trust and "trust=True" in str(err):
+                hint = " Here that is model.checkpoint_trust=true (only for files from a source you trust)."
+            raise CheckpointError(f"{where}: {err}{hint}") from None
+        if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("g_ema"), Mapping):
+            found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+            raise CheckpointError(
+                f"{where} is not a StyleGAN2 generator file: expected a dict with a 'g_ema' state dict "
+                f"(rosinality layout: g_ema, latent_avg, [g, d]), found {found}. To continue a Lightning run "
+                f"use resume=true or ckpt_path=... instead.")
+
+        entries = [("g_ema", self.g_ema), ("g_ema", self.g)]
+        if ckpt.get("g") is not None:
+            entries[1] = ("g", self.g)
+        if ckpt.get("d") is not None:
+            entries.append(("d", self.d))
+        for entry, net in entries:  # check everything before changing anything
+            state = ckpt[entry]
+            report = describe_mismatch(net, state) if isinstance(state, Mapping) else \
+                f"  not a state dict ({type(state).__name__})"
+            if report:
+                raise CheckpointError(self._mismatch_message(where, ckpt, entry, net, report))
+        for entry, net in entries:
+            net.load_state_dict(ckpt[entry], strict=True)
+
+        latent_avg = ckpt.get("latent_avg")
+        if latent_avg is not None:
+            if not torch.is_tensor(latent_avg) or latent_avg.numel() != self.g_ema.style_dim:
+                size = latent_avg.numel() if torch.is_tensor(latent_avg) else type(latent_avg).__name__
+                raise CheckpointError(f"{where}: latent_avg has {size} values, model.generator.style_dim is "
+                                      f"{self.g_ema.style_dim}")
+            self.init_latent_avg = latent_avg.detach().reshape(-1).float().clone()
+        loaded = ", ".join(f"{entry} -> {name}" for (entry, _), name in zip(entries, ("g_ema", "g", "d")))
+        rank_zero_info(f"StyleGAN2Module: initialised from {path} ({loaded}"
+                       f"{', latent_avg' if latent_avg is not None else ''})")
+
+    @staticmethod
+    def _mismatch_message(where: str, ckpt: Mapping, entry: str, net, report: str) -> str:
+        meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), Mapping) else {}
+        if entry == "d":
+            cfg_key, file_cfg = "model.discriminator", meta.get("discriminator")
+            advice = "model.discriminator follows generator.size / channel_multiplier / channel_max"
+        else:
+            cfg_key, file_cfg = "model.generator", meta.get("generator")
+            if not file_cfg:
+                try:
+                    file_cfg = infer_generator_config(ckpt["g_ema"])
+                except (CheckpointError, TypeError, AttributeError, KeyError, IndexError):
+                    file_cfg = None
+            advice = ("choose the matching generator config (e.g. generator=ffhq1024 for "
+                      "stylegan2-ffhq-config-f.pt) or override generator.<key>=VALUE")
+        found = f"The file's {'discriminator' if entry == 'd' else 'generator'} is {dict(file_cfg)}; " \
+            if file_cfg else ""
+        return (f"{where}: the file's '{entry}' weights do not fit the configured {type(net).__name__} "
+                f"({cfg_key}={dict(net.config)}):\n{report}\n{found}{advice}.")
+
     def _iteration(self, real: torch.Tensor, it: int, opt_g, opt_d) -> Dict[str, torch.Tensor]:
         batch = real.shape[0]
         no_autocast = torch.autocast(device_type=real.device.type, enabled=False)
@@ -282,4 +382,5 @@ class StyleGAN2Module(pl.LightningModule):
         out: Dict[str, Any] = {k: getattr(self, k) for k in keys}
         out["generator"] = _as_kwargs(self.hparams["generator"], "generator")
         out["discriminator"] = _as_kwargs(self.hparams["discriminator"], "discriminator")
+        out["init_checkpoint"] = self.init_checkpoint
         return out

@@ -44,12 +44,21 @@ def safe_load(path, *, trust: bool = False, map_location="cpu") -> Any:
         if not trust:
             raise CheckpointError(
                 f"{path} cannot be loaded with torch.load(weights_only=True): it contains pickled objects "
-                f"that would run arbitrary code when loaded ({str(err).splitlines()[0][:200]}). "
-                f"If you trust its source, pass trust=True (config: checkpoint_trust=true)."
+                f"that would run arbitrary code when loaded ({_unpickling_reason(err)}). "
+                f"If you trust its source, pass trust=True (in a config: the matching checkpoint_trust=true option)."
             ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {err}") from None
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The informative line of torch's weights_only error (e.g. 'Unsupported global: GLOBAL x.Y ...'), plain text."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line]
+    found = [line for line in lines if "Unsupported global" in line]
+    reason = found[0] if found else (lines[0] if lines else type(err).__name__)
+    return reason.split(" was not an allowed global")[0][:200]
 
 
 def describe_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor], limit: int = 12) -> str:
