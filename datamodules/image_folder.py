@@ -152,13 +152,17 @@ class ImageFolderDataModule(pl.LightningDataModule):
         super().__init__()
         root = str(Path(root).expanduser())  # hparams go into checkpoints: keep them weights_only-loadable
         self.save_hyperparameters()
-        list_images(root)  # fail at construction, before any training machinery starts
+        self.check_root()  # fail at construction, before any training machinery starts
         if (val_count is not None and val_count < 0) or not 0.0 <= val_fraction < 1.0:
             raise ValueError(
                 f"data.val_count must be >= 0 and data.val_fraction in [0, 1); got {val_count}, {val_fraction}"
             )
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+
+    def check_root(self) -> None:
+        """Raise a clear error now if ``root`` holds no images (subclasses that create data override it)."""
+        list_images(self.hparams.root)
 
     def make_dataset(self) -> ImageFolderDataset:
         """Builds the full dataset (training transforms); the split and the val view are made from it."""

@@ -29,7 +29,7 @@ def test_exp_folder_lists_the_experiments():
 @pytest.mark.parametrize("exp", EXPS)
 def test_every_exp_composes_and_builds_data_trainer_callbacks(exp, compose_cfg, make_images, tmp_path):
     make_images(tmp_path / "images", [f"{i}.png" for i in range(4)], size=(8, 8))
-    cfg = compose_cfg([f"+exp={exp}", f"data.root={tmp_path / 'images'}", "data.num_workers=0", "data.batch_size=2",
+    cfg = compose_cfg([f"+exp={exp}", "data=image_folder", f"data.root={tmp_path / 'images'}", "data.num_workers=0", "data.batch_size=2",
                        "trainer=cpu", "logger=csv"])
     OmegaConf.to_container(cfg, resolve=True)  # no dangling interpolation or ??? left
     assert cfg.task_name == exp
@@ -46,7 +46,7 @@ def test_every_exp_composes_and_builds_data_trainer_callbacks(exp, compose_cfg, 
 
 def test_stage0_model_builds_from_config(compose_cfg):
     module = pytest.importorskip("lightning_modules.stylegan2_module")
-    cfg = compose_cfg(["+exp=stylegan", "data.root=unused", "generator.size=16", "generator.channel_max=16"])
+    cfg = compose_cfg(["+exp=stylegan", "data=image_folder", "data.root=unused", "generator.size=16", "generator.channel_max=16"])
     model = instantiate(cfg.model)
     assert isinstance(model, module.StyleGAN2Module)
     assert model.hparams.generator["size"] == 16 and model.hparams.discriminator["size"] == 16

@@ -157,7 +157,7 @@ def run_cfg(compose_cfg, make_images, tmp_path, monkeypatch):
     """`cfg(*extra_overrides)`: +exp=stylegan on 6 tiny images with StandInStage, CSV logger, CPU, 2 steps."""
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))  # train() sets it; restore afterwards
     make_images(tmp_path / "images", [f"{i}.png" for i in range(6)], size=(8, 8))
-    base = ["+exp=stylegan", f"data.root={tmp_path / 'images'}", "generator.size=8", "data.batch_size=2",
+    base = ["+exp=stylegan", "data=image_folder", f"data.root={tmp_path / 'images'}", "generator.size=8", "data.batch_size=2",
             "data.num_workers=0", "model._target_=tests.test_run.StandInStage", "callbacks=default",
             "callbacks.model_checkpoint.every_n_train_steps=1", "logger=csv", "trainer=cpu", "trainer.max_steps=2",
             "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
@@ -233,7 +233,7 @@ def test_script_rejects_bad_exp_without_traceback(tmp_path, args, expected):
 
 def test_script_names_missing_image_folder_and_config_key(tmp_path):
     missing = tmp_path / "no_such_images"
-    result = run_script("+exp=stylegan", f"data.root={missing}", f"paths.run_dir={tmp_path / 'run'}", "logger=none",
+    result = run_script("+exp=stylegan", "data=image_folder", f"data.root={missing}", f"paths.run_dir={tmp_path / 'run'}", "logger=none",
                         cwd=tmp_path)
     assert result.returncode == 1
     assert f"Image folder {missing} does not exist" in result.stderr and "data.root" in result.stderr

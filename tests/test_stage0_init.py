@@ -20,7 +20,7 @@ from networks.checkpoints import CheckpointError, export_generator  # noqa: E402
 
 G_CFG = dict(size=16, style_dim=32, n_mlp=2, channel_max=32)
 D_CFG = dict(size=16, channel_max=32)
-TINY_OVERRIDES = ["+exp=stylegan", "data.root=unused", "generator.size=16", "generator.style_dim=32",
+TINY_OVERRIDES = ["+exp=stylegan", "data=image_folder", "data.root=unused", "generator.size=16", "generator.style_dim=32",
                   "generator.n_mlp=2", "generator.channel_max=32"]
 
 
