@@ -9,7 +9,6 @@ architecture is then inferred from the state-dict shapes.
 """
 from __future__ import annotations
 
-import math
 import pickle
 import re
 from pathlib import Path

@@ -27,13 +27,7 @@ G_CFG = dict(size=16, style_dim=32, n_mlp=2, channel_max=32)
 D_CFG = dict(size=16, channel_max=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions are ~10x faster single-threaded on a shared 2-core machine (no OpenMP spinning)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_module(seed=0, **kwargs):

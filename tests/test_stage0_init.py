@@ -18,8 +18,8 @@ from experiments.utils.errors import describe_user_error  # noqa: E402
 from lightning_modules.stylegan2_module import StyleGAN2Module  # noqa: E402
 from networks.checkpoints import CheckpointError, export_generator  # noqa: E402
 
-G_CFG = dict(size=16, style_dim=32, n_mlp=2, channel_max=32)
-D_CFG = dict(size=16, channel_max=32)
+from tests.test_stage0 import D_CFG, G_CFG, make_module  # noqa: E402
+
 TINY_OVERRIDES = ["+exp=stylegan", "data=image_folder", "data.root=unused", "generator.size=16", "generator.style_dim=32",
                   "generator.n_mlp=2", "generator.channel_max=32"]
 
@@ -28,19 +28,9 @@ class Opaque:
     """An object that ``torch.load(weights_only=True)`` refuses (needs arbitrary unpickling)."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def make_module(seed=0, **kwargs):
-    pl.seed_everything(seed, verbose=False)
-    opts = dict(generator=dict(G_CFG), discriminator=dict(D_CFG), r1_every=2, mixing_prob=0.5)
-    opts.update(kwargs)
-    return StyleGAN2Module(**opts)
 
 
 def make_loader():

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from .generator import channel_table
-from .layers import ConvLayer, EqualLinear, ImplMixin, ResBlock
-from .ops import IMPLS
+from .layers import ConvLayer, EqualLinear, ResBlock, set_impl
 
 
 class Discriminator(nn.Module):
@@ -41,12 +40,7 @@ class Discriminator(nn.Module):
 
     def set_impl(self, impl: str) -> "Discriminator":
         """Switch op implementation ("fast" | "ref"); returns self."""
-        if impl not in IMPLS:
-            raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
-        for m in self.modules():
-            if isinstance(m, ImplMixin):
-                m.impl = impl
-        self.impl = impl
+        set_impl(self, impl)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

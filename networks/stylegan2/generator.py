@@ -16,8 +16,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .layers import ConstantInput, EqualLinear, ImplMixin, PixelNorm, StyledConv, ToRGB
-from .ops import IMPLS
+from .layers import ConstantInput, EqualLinear, PixelNorm, StyledConv, ToRGB, set_impl
 
 FeatureEdit = Callable[[torch.Tensor], torch.Tensor]
 
@@ -91,12 +90,7 @@ class Generator(nn.Module):
     # ----------------------------------------------------------------------------------------
     def set_impl(self, impl: str) -> "Generator":
         """Switch every layer to op implementation ``impl`` ("fast" | "ref"); returns self."""
-        if impl not in IMPLS:
-            raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
-        for m in self.modules():
-            if isinstance(m, ImplMixin):
-                m.impl = impl
-        self.impl = impl
+        set_impl(self, impl)
         return self
 
     @staticmethod

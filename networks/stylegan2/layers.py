@@ -26,6 +26,18 @@ class ImplMixin:
     impl = "fast"
 
 
+def set_impl(module: nn.Module, impl: str) -> None:
+    """Set ``impl`` on ``module`` and every ImplMixin layer inside it."""
+    from .ops import IMPLS
+
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    for m in module.modules():
+        if isinstance(m, ImplMixin):
+            m.impl = impl
+    module.impl = impl
+
+
 class PixelNorm(nn.Module):
     """Normalise each vector to unit second moment: (B, D) -> (B, D)."""
 
