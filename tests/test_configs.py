@@ -87,10 +87,12 @@ def test_generator_presets_match_rosinality_configs():
 
 
 def test_stage0_model_keys():
-    model = raw_compose(["+exp=stylegan"]).model
-    assert model._target_ == "lightning_modules.stylegan2_module.StyleGAN2Module"
-    assert (model.lr, model.r1_every, model.pl_weight, model.pl_every) == (0.002, 16, 0.0, 4)
-    assert (model.ema_beta, model.mixing_prob, model.sample_every_n_steps, model.n_samples) == (0.999, 0.9, 500, 16)
+    base = raw_compose(["model=stylegan"]).model  # rosinality's defaults in the model group
+    assert base._target_ == "lightning_modules.stylegan2_module.StyleGAN2Module"
+    assert (base.lr, base.r1_gamma, base.r1_every, base.pl_weight, base.pl_every) == (0.002, 10.0, 16, 0.0, 4)
+    assert (base.ema_beta, base.mixing_prob, base.sample_every_n_steps, base.n_samples) == (0.999, 0.9, 500, 16)
+    model = raw_compose(["+exp=stylegan"]).model  # the SynthFaces 64 px experiment's small-resolution settings
+    assert (model.r1_gamma, model.ema_beta, model.sample_every_n_steps) == (0.1, 0.998, 250)
 
 
 def test_trainer_presets():
