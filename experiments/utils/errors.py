@@ -17,10 +17,20 @@ def _full_key(message: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _input_errors() -> tuple:
+    """Exception types that report bad input files (imported lazily: they live in heavier modules)."""
+    from datamodules.image_folder import DataError
+    from networks.checkpoints import CheckpointError
+
+    return DataError, CheckpointError
+
+
 def describe_user_error(exc: BaseException) -> str | None:
     """Returns a short message for errors the user can fix from the config, or None for anything else (a bug)."""
     if isinstance(exc, UserError):
         return str(exc)
+    if isinstance(exc, _input_errors()):  # bad files on disk: the message names the file and config key
+        return f"{type(exc).__name__}: {exc}"
     if isinstance(exc, MissingMandatoryValue):
         key = _full_key(str(exc)) or "?"
         return f"Config key '{key}' has no value (it is ??? in the config): set it, e.g. {key}=..."
