@@ -186,6 +186,25 @@ class _AuxModule(pl.LightningModule):
                                                     pct_start=self.pct_start)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
+        """Loss and metric states on a validation batch (``_eval_step`` of the subclass)."""
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
+        """Loss and metric states on a test batch."""
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log and keep the validation metrics (they go into the hand-off's meta)."""
+        self.last_val_metrics = self.val_metrics.compute()
+        self._log_metrics("val", self.last_val_metrics)
+        self.val_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        """Log the test metrics."""
+        self._log_metrics("test", self.test_metrics.compute())
+        self.test_metrics.reset()
+
     def _log_metrics(self, prefix: str, metrics: Dict[str, float]) -> None:
         values = {f"{prefix}/{k}": v for k, v in metrics.items() if not math.isnan(v)}
         if values:
@@ -269,25 +288,6 @@ class AttributeClassifierModule(_AuxModule):
         self.log(f"{prefix}/loss", loss, on_step=False, on_epoch=True, batch_size=len(raw))
         metrics.update(raw, batch["labels"])
 
-    def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
-        """Loss and metric states on a validation batch."""
-        self._eval_step(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
-        """Loss and metric states on a test batch."""
-        self._eval_step(batch, self.test_metrics, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        """Log and keep the validation metrics (they go into the hand-off's meta)."""
-        self.last_val_metrics = self.val_metrics.compute()
-        self._log_metrics("val", self.last_val_metrics)
-        self.val_metrics.reset()
-
-    def on_test_epoch_end(self) -> None:
-        """Log the test metrics."""
-        self._log_metrics("test", self.test_metrics.compute())
-        self.test_metrics.reset()
-
     def _extra_meta(self) -> Dict[str, Any]:
         heads = [{"name": h.name, "kind": h.kind, "low": h.low, "high": h.high,
                   "categories": list(h.categories) if h.categories else None} for h in self.net.heads]
@@ -359,25 +359,6 @@ class FaceParserModule(_AuxModule):
         loss = self._ce(logits, target)
         self.log(f"{prefix}/loss", loss, on_step=False, on_epoch=True, batch_size=len(logits))
         metrics.update(logits, target)
-
-    def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
-        """Loss and IoU states on a validation batch."""
-        self._eval_step(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
-        """Loss and IoU states on a test batch."""
-        self._eval_step(batch, self.test_metrics, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        """Log and keep the validation metrics."""
-        self.last_val_metrics = self.val_metrics.compute()
-        self._log_metrics("val", self.last_val_metrics)
-        self.val_metrics.reset()
-
-    def on_test_epoch_end(self) -> None:
-        """Log the test metrics."""
-        self._log_metrics("test", self.test_metrics.compute())
-        self.test_metrics.reset()
 
     def _extra_meta(self) -> Dict[str, Any]:
         return {"part_classes": list(PART_CLASSES[:self.net.num_classes]),
