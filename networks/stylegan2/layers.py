@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import LRELU_GAIN, bias_leaky_relu, conv_transpose2x, make_kernel, upfirdn2d
+from .ops import LRELU_GAIN, bias_leaky_relu, check_impl, conv_transpose2x, make_kernel, upfirdn2d
 
 
 def _per_sample(t: torch.Tensor, base_ndim: int) -> bool:
@@ -28,10 +28,7 @@ class ImplMixin:
 
 def set_impl(module: nn.Module, impl: str) -> None:
     """Set ``impl`` on ``module`` and every ImplMixin layer inside it."""
-    from .ops import IMPLS
-
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    check_impl(impl)
     for m in module.modules():
         if isinstance(m, ImplMixin):
             m.impl = impl

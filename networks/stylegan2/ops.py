@@ -33,9 +33,10 @@ def make_kernel(taps: Sequence[float]) -> torch.Tensor:
     return k / k.sum()
 
 
-def _check_impl(impl: str) -> None:
+def check_impl(impl: str) -> None:
+    """Raise ValueError unless ``impl`` is one of IMPLS."""
     if impl not in IMPLS:
-        raise ValueError(f"unknown op implementation {impl!r}; expected one of {IMPLS}")
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
 
 
 def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
@@ -51,7 +52,7 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
     Returns:
         (N, C, (H*up + pad0 + pad1 - kh) // down + 1, same for W).
     """
-    _check_impl(impl)
+    check_impl(impl)
     if impl == "ref":
         return _upfirdn2d_ref(x, kernel, up, down, pad)
     return _upfirdn2d_fast(x, kernel, up, down, pad)
@@ -141,7 +142,7 @@ def bias_leaky_relu(x: torch.Tensor, bias: torch.Tensor | None, slope: float = L
         x: (N, C, ...) activations.
         bias: (C,) shared bias or (N, C) per-sample bias, or None.
     """
-    _check_impl(impl)
+    check_impl(impl)
     if bias is not None:
         shape = (bias.shape[0], -1) if bias.ndim == 2 else (1, -1)
         x = x + bias.view(*shape, *([1] * (x.ndim - 2)))
