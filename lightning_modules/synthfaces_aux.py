@@ -27,26 +27,11 @@ from torchmetrics import MeanAbsoluteError, MeanMetric, PearsonCorrCoef
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from datamodules.synthfaces.parts import PART_CLASSES
+from lightning_modules.plain import to_plain
 from networks.synthfaces_nets import (AttributeClassifier, FaceParser, load_attribute_classifier, load_face_parser,
                                       save_aux_net, visibility_mask)
 
 Tensor = torch.Tensor
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers / tuples -> plain dicts and lists (weights_only-loadable hparams and meta)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 class AttributeMetrics(nn.Module):
@@ -215,7 +200,7 @@ class _AuxModule(pl.LightningModule):
         hp = getattr(dm, "hparams", None)
         if not hp:
             return {}
-        return {k: _plain(hp[k]) for k in ("root", "resolution", "n_images", "render_size", "render_seed",
+        return {k: to_plain(hp[k]) for k in ("root", "resolution", "n_images", "render_size", "render_seed",
                                             "train_limit") if k in hp}
 
     def export_handoff(self, run_dir) -> Path:
@@ -226,7 +211,7 @@ class _AuxModule(pl.LightningModule):
             "epoch": int(self.current_epoch),
             "val_metrics": dict(self.last_val_metrics),
             "data": self._data_meta(),
-            "module": _plain(dict(self.hparams)),
+            "module": to_plain(dict(self.hparams)),
             "input": "float images (B, 3, H, W) in [-1, 1]; resized to config.resolution when H, W differ",
             **self._extra_meta(),
         }
@@ -253,7 +238,7 @@ class AttributeClassifierModule(_AuxModule):
     def __init__(self, net: Optional[dict] = None, lr: float = 3e-3, weight_decay: float = 1e-4,
                  pct_start: float = 0.15, loss_weights: Optional[dict] = None):
         super().__init__()
-        net, loss_weights = _plain(net or {}), _plain(loss_weights or {})
+        net, loss_weights = to_plain(net or {}), to_plain(loss_weights or {})
         self.save_hyperparameters({"net": net, "lr": lr, "weight_decay": weight_decay, "pct_start": pct_start,
                                    "loss_weights": loss_weights})
         self._setup_common(lr, weight_decay, pct_start)
@@ -312,7 +297,7 @@ class FaceParserModule(_AuxModule):
     def __init__(self, net: Optional[dict] = None, lr: float = 3e-3, weight_decay: float = 1e-4,
                  pct_start: float = 0.15, class_weight_power: float = 0.0):
         super().__init__()
-        net = _plain(net or {})
+        net = to_plain(net or {})
         self.save_hyperparameters({"net": net, "lr": lr, "weight_decay": weight_decay, "pct_start": pct_start,
                                    "class_weight_power": class_weight_power})
         self._setup_common(lr, weight_decay, pct_start)
