@@ -31,6 +31,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_modules.gan_losses import d_logistic_loss, g_nonsaturating_loss, path_length_penalty, r1_penalty
+from lightning_modules.steps import uncounted_step
 from networks.checkpoints import (CheckpointError, describe_mismatch, export_generator, infer_generator_config,
                                   safe_load)
 from networks.stylegan2 import Discriminator, Generator
@@ -290,7 +291,7 @@ class StyleGAN2Module(pl.LightningModule):
         loss_d = d_logistic_loss(real_pred, fake_pred)
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(loss_d)
-        self._uncounted_step(opt_d)
+        uncounted_step(self, opt_d)
         logs = {"train/loss_d": loss_d.detach(), "train/real_score": real_pred.detach().mean(),
                 "train/fake_score": fake_pred.detach().mean()}
 
@@ -303,7 +304,7 @@ class StyleGAN2Module(pl.LightningModule):
                 loss_r1 = r1 * (self.r1_gamma / 2 * self.r1_every) + 0 * pred[0, 0]
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(loss_r1)
-            self._uncounted_step(opt_d)
+            uncounted_step(self, opt_d)
             logs["train/r1"] = r1.detach()
         self.untoggle_optimizer(opt_d)
 
@@ -324,18 +325,13 @@ class StyleGAN2Module(pl.LightningModule):
                 loss_pl = penalty * (self.pl_weight * self.pl_every) + 0 * fake[0, 0, 0, 0]
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(loss_pl)
-            self._uncounted_step(opt_g)
+            uncounted_step(self, opt_g)
             self.mean_path_length.copy_(path_mean)
             logs["train/pl"] = penalty.detach()
         self.untoggle_optimizer(opt_g)
 
         self._update_ema(it)
         return logs
-
-    def _uncounted_step(self, optimizer) -> None:
-        # Stepping through the strategy (not LightningOptimizer.step) keeps AMP scaling and hooks but
-        # leaves Lightning's optimizer-step counter, i.e. global_step, untouched.
-        self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
 
     @torch.no_grad()
     def _update_ema(self, it: int) -> None:

@@ -1,0 +1,44 @@
+"""Edit success measured by the SynthFaces attribute classifier, and OOD preservation under an edit.
+
+Used by every stage's evaluation, so an edit is scored the same way for e4e codes, stage-two blends and
+stage-three refinements.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from lightning_modules.metrics import image_metrics
+from networks.synthfaces_nets import AttributeClassifier
+
+Tensor = torch.Tensor
+
+
+@torch.no_grad()
+def attribute_change(classifier: AttributeClassifier, before: Tensor, after: Tensor, attribute: str = "smile",
+                     direction: float = 1.0, min_change: float = 0.1) -> Dict[str, Tensor]:
+    """Score an edit: the classifier's attribute on ``before`` and ``after`` images (B, 3, H, W) in [-1, 1].
+
+    Returns per-image tensors (B,): ``before``, ``after``, ``change`` (after - before) and ``success``
+    (float 0/1: the attribute moved by at least ``min_change`` in the sign of ``direction``; for "smile",
+    whose labels span [0, 1], 0.1 is a tenth of the range).
+    """
+    if attribute not in classifier.head_index:
+        raise ValueError(f"attribute_change: the classifier has no {attribute!r} head "
+                         f"(it predicts {', '.join(classifier.head_index)})")
+    was_training = classifier.training
+    classifier.eval()
+    b = classifier.predict(before)[attribute].float()
+    a = classifier.predict(after)[attribute].float()
+    classifier.train(was_training)
+    change = a - b
+    sign = 1.0 if direction >= 0 else -1.0
+    return {"before": b, "after": a, "change": change, "success": (sign * change >= min_change).float()}
+
+
+@torch.no_grad()
+def ood_preservation(source: Tensor, edited: Tensor, ood_mask: Tensor) -> Tensor:
+    """PSNR (dB, images in [-1, 1] read as [0, 1]) inside the OOD mask (B, 1, H, W) between the input and its
+    edited output, (B,): how well an edit keeps the out-of-domain content. NaN where the mask is empty."""
+    return image_metrics(edited, source, ood_mask)["psnr_in"]

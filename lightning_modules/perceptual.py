@@ -1,0 +1,123 @@
+"""LPIPS through the ``lpips`` package, with the ImageNet backbone read from an explicit file.
+
+The package ships its v0.1 linear heads but downloads the AlexNet / VGG16 backbone from torchvision at
+run time, which cannot happen here. ``LPIPSLoss`` builds the network without that download
+(``pnet_rand=True``) and loads the backbone from ``backbone_weights``, a torchvision state dict
+(``alexnet-owt-7be5be79.pth`` / ``vgg16-397923af.pth``, keys ``features.N.*``). Without a file it
+refuses, unless the caller opts in to a random backbone: the numbers are then named "lpips-random"
+(never LPIPS) and the random backbone is seeded, so runs stay comparable to each other.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from networks.checkpoints import safe_load
+
+Tensor = torch.Tensor
+NETS = ("alex", "vgg")
+RANDOM_BACKBONE_SEED = 0
+MIN_SIZE = 32  # smaller images are upsampled to this side first
+
+
+def torchvision_key_map(pretrained_net: nn.Module) -> Dict[str, str]:
+    """Map the lpips backbone's parameter names (``sliceK.N.weight``) to torchvision's (``features.N.weight``).
+
+    lpips fills its slices with torchvision's ``features[N]`` modules under the name ``N``, so the layer
+    index survives in the name.
+    """
+    mapping = {}
+    for name, _ in pretrained_net.named_parameters():
+        _, index, leaf = name.split(".", 2)
+        mapping[name] = f"features.{index}.{leaf}"
+    return mapping
+
+
+class LPIPSLoss(nn.Module):
+    """Per-image LPIPS distance, optionally averaged inside a mask (DHR's masked LPIPS).
+
+    Args:
+        net: "alex" or "vgg" (the lpips v0.1 linear heads for both ship with the package).
+        backbone_weights: torchvision ImageNet state dict of that backbone; required unless
+            ``allow_random_backbone``.
+        allow_random_backbone: without ``backbone_weights``, use a seeded random backbone (warns;
+            ``metric_name`` becomes "lpips-random").
+        key: config key named in errors.
+
+    ``forward(x, y, mask=None) -> (B,)`` for images (B, 3, H, W) in [-1, 1]; with ``mask`` (B, 1, H, W)
+    in [0, 1] the spatial LPIPS map is averaged over the mask (0 where the mask is empty). Images under 32 px
+    are bilinearly upsampled to 32 px first. The network is
+    frozen and in eval mode; gradients flow to the inputs.
+    """
+
+    def __init__(self, net: str = "alex", backbone_weights: Optional[str] = None,
+                 allow_random_backbone: bool = False, key: str = "model.lpips.backbone_weights"):
+        super().__init__()
+        if net not in NETS:
+            raise ValueError(f"LPIPSLoss: net must be one of {NETS}, got {net!r} ({key.rsplit('.', 1)[0]}.net)")
+        import lpips
+
+        if backbone_weights is None and not allow_random_backbone:
+            raise ValueError(
+                f"LPIPS needs the ImageNet {net} backbone and nothing can be downloaded: set {key}=PATH to a "
+                f"torchvision state dict ({'alexnet-owt-7be5be79.pth' if net == 'alex' else 'vgg16-397923af.pth'}), "
+                f"or opt in to a random backbone with {key.rsplit('.', 1)[0]}.allow_random_backbone=true "
+                f"(numbers are then logged as 'lpips-random', not comparable to published LPIPS)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_BACKBONE_SEED)  # a random backbone is the same in every run
+            self.net = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
+        if backbone_weights is not None:
+            self._load_backbone(Path(backbone_weights).expanduser(), key)
+            self.metric_name = "lpips"
+        else:
+            warnings.warn(f"LPIPSLoss: no {key}; using a random {net} backbone. Values are labelled "
+                          f"'lpips-random' and are not LPIPS.", stacklevel=2)
+            self.metric_name = "lpips-random"
+        self.net.eval().requires_grad_(False)
+        self.net_name = net
+
+    def _load_backbone(self, path: Path, key: str) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}={path}: no such file (a torchvision ImageNet state dict of the backbone)")
+        state = safe_load(path)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        mapping = torchvision_key_map(self.net.net)
+        missing = [tv for tv in mapping.values() if tv not in state]
+        if missing:
+            raise ValueError(f"{key}={path} is not a torchvision {self.net.pnet_type} state dict: missing "
+                             f"{missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        own = dict(self.net.net.named_parameters())
+        for name, tv_key in mapping.items():
+            if tuple(state[tv_key].shape) != tuple(own[name].shape):
+                raise ValueError(f"{key}={path}: {tv_key} has shape {tuple(state[tv_key].shape)}, "
+                                 f"expected {tuple(own[name].shape)}")
+        with torch.no_grad():
+            for name, tv_key in mapping.items():
+                own[name].copy_(state[tv_key])
+
+    def train(self, mode: bool = True) -> "LPIPSLoss":
+        """Stays in eval mode (no dropout / batch statistics in a metric)."""
+        super().train(False)
+        return self
+
+    def forward(self, x: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if min(x.shape[-2:]) < MIN_SIZE:
+            # AlexNet's strided stem and pools leave nothing of images under 32 px: compare them upsampled.
+            x, y = (F.interpolate(t, size=(MIN_SIZE, MIN_SIZE), mode="bilinear", align_corners=False) for t in (x, y))
+            if mask is not None:
+                mask = F.interpolate(mask.float(), size=(MIN_SIZE, MIN_SIZE), mode="nearest")
+        if mask is None:
+            return self.net(x, y).reshape(x.shape[0])
+        self.net.spatial = True
+        try:
+            dist = self.net(x, y)  # (B, 1, H, W)
+        finally:
+            self.net.spatial = False
+        mask = mask.to(dist.dtype)
+        return (dist * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1e-8)
