@@ -51,6 +51,28 @@ def to_unit_range(x: Tensor, value_range: Tuple[float, float]) -> Tensor:
     return ((x.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
+def inception_fid_metric(weights_path: Union[str, Path, None], key: str = "fid.inception_weights"
+                         ) -> FrechetInceptionDistance:
+    """torchmetrics' Inception-v3 FID (2048 features) with the weights read from ``weights_path``.
+
+    The weights are torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` (the file the FID
+    papers use); torchmetrics would download it, which cannot happen here, so the path is required.
+    Needs the ``torch-fidelity`` package (``pip install torch-fidelity`` with the constraints file).
+    Raises FileNotFoundError / ImportError naming ``key``.
+    """
+    if weights_path is None or not Path(weights_path).expanduser().is_file():
+        raise FileNotFoundError(f"{key}={weights_path}: Inception FID needs the weights file "
+                                f"weights-inception-2015-12-05-6726825d.pth (nothing is downloaded); or use the "
+                                f"SynthFaces feature network (features=attribute_classifier.pt)")
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{key}: Inception FID needs torch-fidelity: PIP_CONSTRAINT=constraints.txt pip install "
+                          f"torch-fidelity") from None
+    return FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=True,
+                                    feature_extractor_weights_path=str(Path(weights_path).expanduser()))
+
+
 def fid_score(real: Images, fake: Images, features: Union[nn.Module, str, Path, None] = None, *,
               value_range: Tuple[float, float] = (-1.0, 1.0), batch_size: int = 256,
               device: Union[str, torch.device] = "cpu") -> float:
@@ -60,17 +82,20 @@ def fid_score(real: Images, fake: Images, features: Union[nn.Module, str, Path, 
         real, fake: tensors (N, 3, H, W) or iterables of batches (DataLoaders of tensors, of tuples
             whose first item is the images, or of dicts with ``image``). Float images are taken in
             ``value_range`` (the project's [-1, 1] by default), uint8 images in [0, 255].
-        features: an ``nn.Module`` with ``num_features`` taking float (B, 3, H, W) in [0, 1]
+        features: "inception:PATH" (``inception_fid_metric``: real Inception FID from a weights file), an ``nn.Module`` with ``num_features`` taking float (B, 3, H, W) in [0, 1]
             (``SynthFacesFeatures``), or the path of an ``attribute_classifier.pt``; None = the
             shipped ``experiments/weights/synthfaces/attribute_classifier.pt``.
         batch_size: split size for tensor inputs; device: where features are computed.
     Returns the FID (float). Raises ValueError if a set has fewer than 2 images.
     """
-    if features is None or isinstance(features, (str, Path)):
-        features = SynthFacesFeatures.from_file(features or DEFAULT_WEIGHTS)
-    if not hasattr(features, "num_features"):
-        raise TypeError("fid_score: the feature network needs a `num_features` attribute (see SynthFacesFeatures)")
-    metric = FrechetInceptionDistance(feature=features, normalize=True, reset_real_features=True).to(device)
+    if isinstance(features, str) and features.startswith("inception:"):
+        metric = inception_fid_metric(features.split(":", 1)[1]).to(device)
+    else:
+        if features is None or isinstance(features, (str, Path)):
+            features = SynthFacesFeatures.from_file(features or DEFAULT_WEIGHTS)
+        if not hasattr(features, "num_features"):
+            raise TypeError("fid_score: the feature network needs a `num_features` attribute (see SynthFacesFeatures)")
+        metric = FrechetInceptionDistance(feature=features, normalize=True, reset_real_features=True).to(device)
     counts = {True: 0, False: 0}
     for is_real, images in ((True, real), (False, fake)):
         for batch in _batches(images, batch_size):

@@ -1,0 +1,140 @@
+"""LPIPS (explicit backbone file or labelled random backbone), ID loss, image / mask metrics, MetricTable."""
+import json
+import math
+
+import pytest
+import torch
+
+from lightning_modules.identity import IDLoss, face_crop
+from lightning_modules.metrics import MetricTable, image_metrics, mask_metrics
+from lightning_modules.perceptual import LPIPSLoss
+from networks.checkpoints import CheckpointError
+from networks.encoders import IRSEArcFace
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def images(n=2, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_lpips_needs_a_backbone_file_or_an_explicit_opt_in(tmp_path):
+    with pytest.raises(ValueError, match=r"model.lpips.backbone_weights=PATH.*allow_random_backbone=true"):
+        LPIPSLoss()
+    with pytest.raises(FileNotFoundError, match="nowhere.pth: no such file"):
+        LPIPSLoss(backbone_weights=str(tmp_path / "nowhere.pth"))
+    with pytest.warns(UserWarning, match="lpips-random"):
+        loss = LPIPSLoss(allow_random_backbone=True)
+    assert loss.metric_name == "lpips-random"
+    again = LPIPSLoss(allow_random_backbone=True)  # seeded: the same random backbone every time
+    x, y = images(), images(seed=1)
+    torch.testing.assert_close(loss(x, y), again(x, y))
+
+
+def test_lpips_values_gradients_and_mask():
+    loss = LPIPSLoss(allow_random_backbone=True)
+    x, y = images(), images(seed=1)
+    assert loss(x, x).abs().max() < 1e-6 and (loss(x, y) > 0).all() and loss(x, y).shape == (2,)
+    xg = x.clone().requires_grad_(True)
+    loss(xg, y).sum().backward()
+    assert xg.grad.abs().sum() > 0 and all(p.grad is None for p in loss.parameters())
+    small = images(size=16)  # under 32 px: compared upsampled instead of failing inside AlexNet
+    assert loss(small, images(size=16, seed=3)).shape == (2,)
+    # masked: a change confined to the right half leaves the left-half distance much smaller
+    z = x.clone()
+    z[..., 16:] = y[..., 16:]
+    left = torch.zeros(2, 1, 32, 32)
+    left[..., :8] = 1
+    assert (loss(x, z, mask=left) < 0.5 * loss(x, z, mask=1 - left)).all()
+
+
+def test_lpips_loads_a_torchvision_backbone_file(tmp_path):
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(5)
+    state = tv.models.alexnet().state_dict()
+    path = tmp_path / "alexnet.pth"
+    torch.save(state, path)
+    loaded = LPIPSLoss(backbone_weights=str(path))
+    assert loaded.metric_name == "lpips"
+    torch.testing.assert_close(loaded.net.net.slice1[0].weight, state["features.0.weight"])
+    torch.testing.assert_close(loaded.net.net.slice5._modules["10"].bias, state["features.10.bias"])
+    x, y = images(), images(seed=1)
+    assert not torch.allclose(loaded(x, y), LPIPSLoss(allow_random_backbone=True)(x, y))
+    torch.save({"features.0.weight": state["features.0.weight"]}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="partial.pth is not a torchvision alex state dict: missing"):
+        LPIPSLoss(backbone_weights=str(tmp_path / "partial.pth"))
+
+
+def test_id_loss_rules_and_values(tmp_path):
+    with pytest.raises(ValueError, match=r"model.identity.weights=PATH.*model_ir_se50.pth"):
+        IDLoss()
+    small = IRSEArcFace(112, 50, "ir_se", width=0.125, units=(1, 1, 1, 1))
+    torch.save(small.state_dict(), tmp_path / "arc.pth")
+    loss = IDLoss(weights=str(tmp_path / "arc.pth"), arcface=IRSEArcFace(112, 50, "ir_se", width=0.125, units=(1, 1, 1, 1)))
+    assert loss.metric_name == "id"
+    x, y = images(size=64), images(size=64, seed=1)
+    assert loss(x, x).abs().max() < 1e-5 and (loss(x, y) > 0).all() and (loss(x, y) <= 2).all()
+    assert face_crop(x).shape == (2, 3, 112, 112)
+    torch.save({"bogus": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="bad.pth does not fit IRSEArcFace"):
+        IDLoss(weights=str(tmp_path / "bad.pth"), arcface=IRSEArcFace(112, 50, "ir_se", width=0.125, units=(1, 1, 1, 1)))
+    with pytest.warns(UserWarning, match="id-random"):
+        assert IDLoss(allow_random=True, arcface=small).metric_name == "id-random"
+
+
+def test_image_metrics_against_hand_values():
+    target = torch.zeros(2, 3, 8, 8)  # 0.5 grey on [0, 1]
+    pred = target.clone()
+    pred[0] += 0.2  # +0.1 on [0, 1]: MSE 0.01, PSNR 20 dB
+    m = image_metrics(pred, target)
+    assert m["mse"][0] == pytest.approx(0.01, rel=1e-4) and m["psnr"][0] == pytest.approx(20.0, rel=1e-4)
+    assert m["ssim"][1] == pytest.approx(1.0, abs=1e-5) and m["psnr"][1] > 100
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, :4] = 1
+    pred2 = target.clone()
+    pred2[:, :, :4] += 0.4  # error only inside the mask: 0.2 on [0, 1] -> MSE 0.04
+    m = image_metrics(pred2, target, mask)
+    assert m["mse_in"][0] == pytest.approx(0.04, rel=1e-4) and m["mse_out"][0] == 0
+    assert m["psnr_in"][0] == pytest.approx(10 * math.log10(25), rel=1e-4)
+    assert m["mse"][0] == pytest.approx(0.02, rel=1e-4)
+    empty = image_metrics(pred2, target, torch.zeros(2, 1, 8, 8))
+    assert torch.isnan(empty["mse_in"]).all() and torch.isnan(empty["ssim_in"]).all()
+    with pytest.raises(ValueError, match="must be equal"):
+        image_metrics(pred, target[:, :, :4])
+
+
+def test_mask_metrics_on_known_masks():
+    gt = torch.zeros(2, 1, 4, 4)
+    gt[:, :, :2] = 1  # 8 pixels
+    pred = torch.zeros(2, 1, 4, 4)
+    pred[0, :, :1] = 0.9  # 4 of the 8, nothing extra
+    pred[1] = 0.7  # everything
+    m = mask_metrics(pred, gt, thresholds=(0.5, 0.8))
+    assert m["iou@0.5"].tolist() == pytest.approx([0.5, 0.5])
+    assert m["precision@0.5"].tolist() == pytest.approx([1.0, 0.5])
+    assert m["recall@0.5"].tolist() == pytest.approx([0.5, 1.0])
+    assert m["iou@0.8"][1] == 0  # nothing predicted at 0.8, 8 true pixels missed
+    assert m["best_iou"][0] == pytest.approx(0.5) and m["best_threshold"][1] <= 0.7
+
+
+def test_metric_table_rows_means_and_files(tmp_path):
+    table = MetricTable()
+    table.add(["a", "b"], {"psnr": torch.tensor([20.0, 30.0]), "psnr_in": torch.tensor([float("nan"), 10.0])})
+    table = table.merge(MetricTable([{"name": "c", "psnr": 40.0, "psnr_in": 20.0}]))
+    assert [r["name"] for r in table.rows] == ["a", "b", "c"]
+    assert table.mean() == {"psnr": pytest.approx(30.0), "psnr_in": pytest.approx(15.0)}
+    lines = table.to_csv(tmp_path / "t.csv").read_text().splitlines()
+    assert lines[0] == "name,psnr,psnr_in" and lines[1].startswith("a,20.0,")
+    data = json.loads(table.to_json(tmp_path / "t.json").read_text())
+    assert data["rows"][0]["psnr_in"] is None and data["mean"]["psnr"] == pytest.approx(30.0)
+    with pytest.raises(ValueError, match="has 1 values for 2 names"):
+        table.add(["x", "y"], {"psnr": torch.tensor([1.0])})
+
+
+def test_inception_fid_needs_an_explicit_weights_file(tmp_path):
+    from lightning_modules.fid import fid_score, inception_fid_metric
+
+    with pytest.raises(FileNotFoundError, match="fid.inception_weights=None: Inception FID needs the weights file"):
+        inception_fid_metric(None)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        fid_score(images(4), images(4, seed=1), features=f"inception:{tmp_path / 'nowhere.pth'}")
