@@ -10,6 +10,7 @@ classifier (held-out real vs blurred real, vs other real images, vs the OOD twin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 from pathlib import Path
 from typing import Iterable, Iterator, Tuple, Union
@@ -64,11 +65,9 @@ def inception_fid_metric(weights_path: Union[str, Path, None], key: str = "fid.i
         raise FileNotFoundError(f"{key}={weights_path}: Inception FID needs the weights file "
                                 f"weights-inception-2015-12-05-6726825d.pth (nothing is downloaded); or use the "
                                 f"SynthFaces feature network (features=attribute_classifier.pt)")
-    try:
-        import torch_fidelity  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch_fidelity") is None:
         raise ImportError(f"{key}: Inception FID needs torch-fidelity: PIP_CONSTRAINT=constraints.txt pip install "
-                          f"torch-fidelity") from None
+                          f"torch-fidelity")
     return FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=True,
                                     feature_extractor_weights_path=str(Path(weights_path).expanduser()))
 

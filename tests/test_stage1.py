@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.reconstruction_grid import ReconstructionGrid, stack_rows
+from callbacks.reconstruction_grid import stack_rows
 from lightning_modules.stage1_module import EncoderModule, progressive_stage_at
 from networks.checkpoints import CheckpointError, export_generator
 from networks.encoder_checkpoints import load_e4e_checkpoint
