@@ -21,6 +21,7 @@ official e4e tooling for the official architecture.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -82,8 +83,8 @@ class EncoderModule(pl.LightningModule):
             trains all deltas from the start.
         start_from_latent_avg: add the generator's average latent to the encoder output (e4e/pSp default).
         train_randomize_noise: random noise maps in training (e4e does); false = the stored maps used at evaluation.
-        allow_resize: images whose size differs from ``encoder.input_size`` are resized with a warning
-            (false: a clear error naming ``model.encoder.input_size``).
+        allow_resize: images whose size differs from the generator's (or the encoder input from
+            ``encoder.input_size``) are resized with a warning; false: a clear error naming the config key.
         init_checkpoint: an e4e-layout file (official ``e4e_ffhq_encode.pt`` or an ``encoder.pt``) whose
             encoder weights start training; its generator must equal ``generator_checkpoint``'s architecture.
         checkpoint_trust: allow files that need arbitrary unpickling (trusted sources only).
@@ -141,6 +142,7 @@ class EncoderModule(pl.LightningModule):
         self._val_table = MetricTable()
         self.test_table = MetricTable()
         self.grid_batch: Optional[Dict[str, Tensor]] = None
+        self._warned_resize = False
 
     # ------------------------------------------------------------------ public API
     def encode(self, images: Tensor) -> Tensor:
@@ -326,9 +328,16 @@ class EncoderModule(pl.LightningModule):
             raise ValueError(f"EncoderModule: batches must be float images (B, 3, {size}, {size}) in [-1, 1]; "
                              f"the datamodule gave {desc}")
         if x.shape[-1] != size or x.shape[-2] != size:
-            raise ValueError(f"EncoderModule: images are {tuple(x.shape[-2:])} but the generator "
-                             f"(model.generator_checkpoint={self.generator_checkpoint}) makes {size}x{size}; "
-                             f"set data.resolution={size}")
+            if not self.hparams.allow_resize:
+                raise ValueError(f"EncoderModule: images are {tuple(x.shape[-2:])} but the generator "
+                                 f"(model.generator_checkpoint={self.generator_checkpoint}) makes {size}x{size}; "
+                                 f"set data.resolution={size} (or model.allow_resize=true to resize them)")
+            if not self._warned_resize:
+                warnings.warn(f"EncoderModule: resizing {tuple(x.shape[-2:])} images to the generator's {size}x{size} "
+                              f"(set data.resolution={size} to avoid this; model.allow_resize=false makes it an error)",
+                              stacklevel=2)
+                self._warned_resize = True
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return x
 
     def _load_init_encoder(self, path: Path, trust: bool) -> None:

@@ -142,9 +142,11 @@ def test_psp_variant_trains_without_deltas(generator_file, tmp_path):
 def test_bad_inputs_fail_clearly(generator_file, tmp_path):
     with pytest.raises(CheckpointError, match="model.generator_checkpoint=.*nowhere.pt: no such file"):
         make_module(tmp_path / "nowhere.pt")
-    module = make_module(generator_file)
+    strict = make_module(generator_file, allow_resize=False)
     with pytest.raises(ValueError, match=r"images are \(8, 8\).*data.resolution=16"):
-        module.training_step(torch.zeros(2, 3, 8, 8), 0)
+        strict.training_step(torch.zeros(2, 3, 8, 8), 0)
+    with pytest.warns(UserWarning, match=r"resizing \(8, 8\) images to the generator's 16x16"):
+        assert make_module(generator_file)._check_images(torch.zeros(2, 3, 8, 8)).shape == (2, 3, 16, 16)
     with pytest.raises((FileNotFoundError, ValueError), match="backbone_weights"):
         make_module(generator_file, lpips=dict(allow_random_backbone=False))
     # an encoder file made for another generator
