@@ -341,8 +341,14 @@ class EncoderModule(pl.LightningModule):
         return x
 
     def _load_init_encoder(self, path: Path, trust: bool) -> None:
-        loaded = load_e4e_checkpoint(path, trust=trust)
         where = f"model.init_checkpoint={path}"
+        if not path.is_file():
+            raise CheckpointError(f"{where}: no such file (an e4e-layout file: official e4e_ffhq_encode.pt or a "
+                                  f"stage-1 encoder.pt)")
+        try:
+            loaded = load_e4e_checkpoint(path, trust=trust)
+        except CheckpointError as err:
+            raise CheckpointError(f"model.init_checkpoint: {err}") from None
         if dict(loaded.generator.config) != dict(self.generator.config):
             raise CheckpointError(f"{where}: its generator {dict(loaded.generator.config)} differs from "
                                   f"model.generator_checkpoint={self.generator_checkpoint} "

@@ -153,6 +153,10 @@ def test_bad_inputs_fail_clearly(generator_file, tmp_path):
     other = Generator(**dict(G_CFG, style_dim=16))
     other_gen = export_generator(tmp_path / "other_g.pt", other, other.mean_latent(64, seed=0).reshape(-1))
     foreign = make_module(other_gen).export_handoff(tmp_path / "foreign")
+    with pytest.raises(CheckpointError, match="model.init_checkpoint=.*missing.pt: no such file"):
+        make_module(generator_file, init_checkpoint=str(tmp_path / "missing.pt"))
+    with pytest.raises(CheckpointError, match="model.init_checkpoint: .*other_g.pt is not an e4e/pSp encoder checkpoint"):
+        make_module(generator_file, init_checkpoint=str(other_gen))
     with pytest.raises(CheckpointError, match="differs from model.generator_checkpoint"):
         make_module(generator_file, init_checkpoint=str(foreign))
 
