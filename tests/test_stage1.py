@@ -190,3 +190,30 @@ def test_run_py_e4e_trains_validates_and_exports(compose_cfg, make_images, gener
     with Image.open(grids[-1]) as im:
         assert im.size[1] > im.size[0] / 3  # two rows: inputs and reconstructions
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+class EncoderRankCheck(pl.Callback):
+    """In each DDP process: write the step count and whether encoder + latent discriminator agree with rank 0."""
+
+    def __init__(self, out_dir):
+        self.out_dir = str(out_dir)
+
+    def on_train_end(self, trainer, pl_module):
+        flat = torch.cat([p.detach().flatten() for net in (pl_module.encoder, pl_module.w_discriminator)
+                          for p in net.parameters()])
+        gathered = trainer.strategy.all_gather(flat)
+        with open(f"{self.out_dir}/rank{trainer.global_rank}.txt", "w") as f:
+            f.write(f"{trainer.global_step} {bool(torch.equal(gathered[0], gathered[1]))}")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_keep_encoders_in_sync(generator_file, tmp_path):
+    module = make_module(generator_file, w_discriminator_lambda=0.1)
+    before = {k: v.clone() for k, v in module.encoder.state_dict().items()}
+    x = images_from(generator_file, n=8)
+    trainer = make_trainer(tmp_path, 3, devices=2, strategy="ddp_spawn_find_unused_parameters_true",
+                           callbacks=[EncoderRankCheck(tmp_path)])
+    trainer.fit(module, DataLoader(TensorDataset(x), batch_size=2))
+    for rank in (0, 1):  # 3 counted steps (discriminator steps are not counted), identical weights on both ranks
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "3 True"
+    assert any(not torch.equal(before[k], v) for k, v in module.encoder.state_dict().items())
