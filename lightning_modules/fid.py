@@ -1,11 +1,13 @@
 """FID without downloads: torchmetrics' ``FrechetInceptionDistance`` with the project's own features.
 
 The feature network is ``networks.synthfaces_nets.SynthFacesFeatures`` (the SynthFaces attribute
-classifier's penultimate activations, trained in the project) or any ``nn.Module`` with
+classifier's penultimate activations, trained in the project), torch-fidelity's Inception-v3 from an
+explicit weights file (``build_fid_extractor("inception", path)``), or any ``nn.Module`` with
 ``num_features`` that takes float images in [0, 1]. Numbers are only comparable with the same
-feature network and similar set sizes (FID is biased upwards for small sets); they are not
-Inception FIDs. ``python -m lightning_modules.fid`` prints the scale references of the shipped
-classifier (held-out real vs blurred real, vs other real images, vs the OOD twins).
+feature network and similar set sizes (FID is biased upwards for small sets); only the Inception
+network gives numbers comparable to published FIDs. ``python -m lightning_modules.fid`` prints the
+scale references of the shipped classifier (held-out real vs blurred real, vs other real images, vs
+the OOD twins).
 """
 from __future__ import annotations
 
@@ -52,6 +54,71 @@ def to_unit_range(x: Tensor, value_range: Tuple[float, float]) -> Tensor:
     return ((x.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
+FID_KINDS = ("synthfaces", "inception")
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def _inception_weights(weights_path: Union[str, Path, None], key: str) -> Path:
+    """Check the Inception weights file and torch-fidelity; returns the resolved path."""
+    if weights_path is None or not Path(weights_path).expanduser().is_file():
+        raise FileNotFoundError(f"{key}={weights_path}: Inception FID needs the weights file {INCEPTION_FILE} "
+                                f"(nothing is downloaded); or use the SynthFaces feature network "
+                                f"(features=attribute_classifier.pt)")
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ImportError(f"{key}: Inception FID needs torch-fidelity: PIP_CONSTRAINT=constraints.txt pip install "
+                          f"torch-fidelity")
+    return Path(weights_path).expanduser()
+
+
+class InceptionFeatures(nn.Module):
+    """torch-fidelity's FID Inception-v3 (2048-d pool features) behind the project's feature-network API.
+
+    ``forward(x (B, 3, H, W) float in [0, 1] or uint8) -> (B, 2048)``. Float images are quantised as
+    torchmetrics does (``(x * 255).byte()``) and the network resizes to 299 itself, so the features equal
+    those of ``FrechetInceptionDistance(feature=2048, normalize=True)``. Frozen, always in eval mode.
+    """
+
+    num_features = 2048
+
+    def __init__(self, weights_path: Union[str, Path], key: str = "fid.weights"):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        path = _inception_weights(weights_path, key)
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                      feature_extractor_weights_path=str(path))
+        self.net.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "InceptionFeatures":
+        """Ignores ``mode``: the feature network stays in eval mode."""
+        return super().train(False)
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        x = imgs if imgs.dtype == torch.uint8 else (imgs.float().clamp(0, 1) * 255).byte()
+        with torch.no_grad():
+            return self.net(x).reshape(x.shape[0], -1).float()
+
+
+def build_fid_extractor(kind: str = "synthfaces", weights: Union[str, Path, None] = None, *,
+                        key: str = "fid.weights") -> nn.Module:
+    """Feature network for ``fid_score`` / ``FrechetInceptionDistance(feature=..., normalize=True)``.
+
+    Args:
+        kind: "synthfaces" (the attribute classifier's penultimate features; ``weights`` = an
+            ``attribute_classifier.pt``, None = the shipped one) or "inception" (torch-fidelity's
+            Inception-v3; ``weights`` = ``weights-inception-2015-12-05-6726825d.pth``, required).
+        key: config key named in errors.
+    Returns an ``nn.Module`` with ``num_features`` mapping float images (B, 3, H, W) in [0, 1] (or uint8)
+    to (B, num_features). Raises ValueError for an unknown kind, FileNotFoundError / ImportError (naming
+    ``key``) for a missing Inception file or a missing torch-fidelity, CheckpointError for a bad classifier file.
+    """
+    if kind == "synthfaces":
+        return SynthFacesFeatures.from_file(weights or DEFAULT_WEIGHTS)
+    if kind == "inception":
+        return InceptionFeatures(weights, key=key)
+    raise ValueError(f"{key.rsplit('.', 1)[0]}.kind={kind!r}: unknown FID feature network, choose one of {FID_KINDS}")
+
+
 def inception_fid_metric(weights_path: Union[str, Path, None], key: str = "fid.inception_weights"
                          ) -> FrechetInceptionDistance:
     """torchmetrics' Inception-v3 FID (2048 features) with the weights read from ``weights_path``.
@@ -61,15 +128,9 @@ def inception_fid_metric(weights_path: Union[str, Path, None], key: str = "fid.i
     Needs the ``torch-fidelity`` package (``pip install torch-fidelity`` with the constraints file).
     Raises FileNotFoundError / ImportError naming ``key``.
     """
-    if weights_path is None or not Path(weights_path).expanduser().is_file():
-        raise FileNotFoundError(f"{key}={weights_path}: Inception FID needs the weights file "
-                                f"weights-inception-2015-12-05-6726825d.pth (nothing is downloaded); or use the "
-                                f"SynthFaces feature network (features=attribute_classifier.pt)")
-    if importlib.util.find_spec("torch_fidelity") is None:
-        raise ImportError(f"{key}: Inception FID needs torch-fidelity: PIP_CONSTRAINT=constraints.txt pip install "
-                          f"torch-fidelity")
+    path = _inception_weights(weights_path, key)
     return FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=True,
-                                    feature_extractor_weights_path=str(Path(weights_path).expanduser()))
+                                    feature_extractor_weights_path=str(path))
 
 
 def fid_score(real: Images, fake: Images, features: Union[nn.Module, str, Path, None] = None, *,
@@ -81,9 +142,10 @@ def fid_score(real: Images, fake: Images, features: Union[nn.Module, str, Path, 
         real, fake: tensors (N, 3, H, W) or iterables of batches (DataLoaders of tensors, of tuples
             whose first item is the images, or of dicts with ``image``). Float images are taken in
             ``value_range`` (the project's [-1, 1] by default), uint8 images in [0, 255].
-        features: "inception:PATH" (``inception_fid_metric``: real Inception FID from a weights file), an ``nn.Module`` with ``num_features`` taking float (B, 3, H, W) in [0, 1]
-            (``SynthFacesFeatures``), or the path of an ``attribute_classifier.pt``; None = the
-            shipped ``experiments/weights/synthfaces/attribute_classifier.pt``.
+        features: "inception:PATH" (``inception_fid_metric``: real Inception FID from a weights file),
+            an ``nn.Module`` with ``num_features`` taking float (B, 3, H, W) in [0, 1]
+            (``build_fid_extractor``'s result, e.g. ``SynthFacesFeatures``), or the path of an
+            ``attribute_classifier.pt``; None = the shipped ``experiments/weights/synthfaces/attribute_classifier.pt``.
         batch_size: split size for tensor inputs; device: where features are computed.
     Returns the FID (float). Raises ValueError if a set has fewer than 2 images.
     """

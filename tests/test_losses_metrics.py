@@ -66,15 +66,40 @@ def test_lpips_loads_a_torchvision_backbone_file(tmp_path):
 
 
 def test_id_loss_rules_and_values(tmp_path):
-    with pytest.raises(ValueError, match=r"model.identity.weights=PATH.*model_ir_se50.pth"):
+    with pytest.raises(ValueError, match=r"model.identity.weights=PATH.*model_ir_se50.pth.*allow_random=true"):
         IDLoss()
-    small = IRSEArcFace(112, 50, "ir_se", width=0.125, units=(1, 1, 1, 1))
+    with pytest.raises(FileNotFoundError, match=r"model.identity.weights=.*nowhere.pth: no such file"):
+        IDLoss(weights=str(tmp_path / "nowhere.pth"), arcface=IRSEArcFace(112, 50, "ir_se", width=0.125, units=(1, 1, 1, 1)))
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        return IRSEArcFace(112, 50, "ir_se", width=0.125, units=(1, 1, 1, 1))
+
+    small = tiny(1)
     torch.save(small.state_dict(), tmp_path / "arc.pth")
-    loss = IDLoss(weights=str(tmp_path / "arc.pth"), arcface=IRSEArcFace(112, 50, "ir_se", width=0.125, units=(1, 1, 1, 1)))
+    loss = IDLoss(weights=str(tmp_path / "arc.pth"), arcface=tiny(2))
     assert loss.metric_name == "id"
     x, y = images(size=64), images(size=64, seed=1)
     assert loss(x, x).abs().max() < 1e-5 and (loss(x, y) > 0).all() and (loss(x, y) <= 2).all()
+    assert loss(x, y).shape == (2,)
+    # the file's weights were loaded: the loss equals 1 - cos of the saved network's embeddings
+    with torch.no_grad():
+        e_x, e_y = small.eval()(face_crop(x)), small(face_crop(y))
+    torch.testing.assert_close(loss(x, y), 1 - (e_x * e_y).sum(1), rtol=1e-4, atol=1e-5)
+    with pytest.warns(UserWarning, match="id-random"):
+        random = IDLoss(allow_random=True, arcface=tiny(2))
+    assert not torch.allclose(random(x, y), loss(x, y))
+    # gradients reach the images, not the frozen network
+    xg = x.clone().requires_grad_(True)
+    loss(xg, y).sum().backward()
+    assert xg.grad.abs().sum() > 0 and all(p.grad is None for p in loss.parameters())
+    loss.train()
+    assert not loss.facenet.training
     assert face_crop(x).shape == (2, 3, 112, 112)
+    # e4e's crop of a 256 image: rows 35:223, cols 32:220 (188 px) pooled to 112
+    marker = torch.zeros(1, 3, 256, 256)
+    marker[..., 35:223, 32:220] = 1
+    assert face_crop(marker).min() == 1
     torch.save({"bogus": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="bad.pth does not fit IRSEArcFace"):
         IDLoss(weights=str(tmp_path / "bad.pth"), arcface=IRSEArcFace(112, 50, "ir_se", width=0.125, units=(1, 1, 1, 1)))
@@ -97,6 +122,16 @@ def test_image_metrics_against_hand_values():
     assert m["mse_in"][0] == pytest.approx(0.04, rel=1e-4) and m["mse_out"][0] == 0
     assert m["psnr_in"][0] == pytest.approx(10 * math.log10(25), rel=1e-4)
     assert m["mse"][0] == pytest.approx(0.02, rel=1e-4)
+    # the in / out means recombine into the whole-image means (mask covers half the pixels)
+    half = torch.zeros(2, 1, 16, 16)
+    half[..., :8] = 1
+    a, b = images(size=16), images(size=16, seed=1)
+    m = image_metrics(a, b, half)
+    torch.testing.assert_close((m["mse_in"] + m["mse_out"]) / 2, m["mse"])
+    torch.testing.assert_close((m["ssim_in"] + m["ssim_out"]) / 2, m["ssim"])
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+    torch.testing.assert_close(m["ssim"], ssim((a + 1) / 2, (b + 1) / 2, data_range=1.0, reduction="none"))
+    torch.testing.assert_close(m["psnr_in"], 10 * torch.log10(1 / m["mse_in"]))
     empty = image_metrics(pred2, target, torch.zeros(2, 1, 8, 8))
     assert torch.isnan(empty["mse_in"]).all() and torch.isnan(empty["ssim_in"]).all()
     with pytest.raises(ValueError, match="must be equal"):
@@ -138,3 +173,33 @@ def test_inception_fid_needs_an_explicit_weights_file(tmp_path):
         inception_fid_metric(None)
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         fid_score(images(4), images(4, seed=1), features=f"inception:{tmp_path / 'nowhere.pth'}")
+
+
+def test_build_fid_extractor_kinds_and_errors(tmp_path, monkeypatch):
+    import importlib.util
+
+    from lightning_modules import fid
+    from networks.synthfaces_nets import AttributeClassifier, SynthFacesFeatures
+
+    with pytest.raises(ValueError, match=r"fid.kind='clip': unknown FID feature network.*'synthfaces', 'inception'"):
+        fid.build_fid_extractor("clip")
+    with pytest.raises(FileNotFoundError, match=r"eval.fid_weights=None: Inception FID needs the weights file "
+                                                r"weights-inception-2015-12-05-6726825d.pth"):
+        fid.build_fid_extractor("inception", None, key="eval.fid_weights")
+    fake = tmp_path / "inception.pth"
+    fake.write_bytes(b"0")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch_fidelity" else real_find_spec(name, *a))
+    with pytest.raises(ImportError, match="fid.weights: Inception FID needs torch-fidelity"):
+        fid.build_fid_extractor("inception", fake)
+    monkeypatch.undo()
+
+    feats = fid.build_fid_extractor("synthfaces")  # the shipped attribute classifier
+    assert isinstance(feats, SynthFacesFeatures) and isinstance(feats.classifier, AttributeClassifier)
+    x = images(4, size=feats.classifier.resolution)
+    out = feats((x + 1) / 2)
+    assert out.shape == (4, feats.num_features)
+    # a custom extractor drives fid_score: identical sets give ~0, different sets more
+    same = fid.fid_score(x, x, feats)
+    assert abs(same) < 1e-3 and fid.fid_score(x, images(4, size=x.shape[-1], seed=7), feats) > same
