@@ -74,6 +74,9 @@ def mask_metrics(pred_mask: Tensor, gt_mask: Tensor, thresholds: Sequence[float]
     "best_iou" (the highest IoU over ``sweep``) and "best_threshold". IoU of two empty masks is 1;
     precision with no predicted pixel is 1 and recall with no true pixel is 1 (nothing missed).
     """
+    if pred_mask.shape != gt_mask.shape or pred_mask.ndim != 4 or pred_mask.shape[1] != 1:
+        raise ValueError(f"mask_metrics: pred_mask {tuple(pred_mask.shape)} and gt_mask {tuple(gt_mask.shape)} must "
+                         f"be equal (B, 1, H, W) shapes")
     gt = gt_mask.detach().float() > 0.5
     pred = pred_mask.detach().float()
 
@@ -93,7 +96,11 @@ def mask_metrics(pred_mask: Tensor, gt_mask: Tensor, thresholds: Sequence[float]
         out[f"iou@{t:g}"] = ratio(tp, tp + fp + fn)
         out[f"precision@{t:g}"] = ratio(tp, tp + fp)
         out[f"recall@{t:g}"] = ratio(tp, tp + fn)
-    ious = torch.stack([ratio(*(lambda c: (c[0], c[0] + c[1] + c[2]))(counts(t))) for t in sweep], dim=1)
+    ious = []
+    for t in sweep:
+        tp, fp, fn = counts(t)
+        ious.append(ratio(tp, tp + fp + fn))
+    ious = torch.stack(ious, dim=1)
     best, index = ious.max(dim=1)
     out["best_iou"] = best
     out["best_threshold"] = torch.tensor(list(sweep), dtype=best.dtype)[index]

@@ -68,7 +68,10 @@ class LPIPSLoss(nn.Module):
                 f"torchvision state dict ({'alexnet-owt-7be5be79.pth' if net == 'alex' else 'vgg16-397923af.pth'}), "
                 f"or opt in to a random backbone with {key.rsplit('.', 1)[0]}.allow_random_backbone=true "
                 f"(numbers are then logged as 'lpips-random', not comparable to published LPIPS)")
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # lpips still calls torchvision's deprecated `pretrained=` argument; the warning is noise here.
+            warnings.filterwarnings("ignore", message=r"(The parameter 'pretrained'|Arguments other than a weight)",
+                                    category=UserWarning)
             torch.manual_seed(RANDOM_BACKBONE_SEED)  # a random backbone is the same in every run
             self.net = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
         if backbone_weights is not None:
@@ -83,7 +86,9 @@ class LPIPSLoss(nn.Module):
 
     def _load_backbone(self, path: Path, key: str) -> None:
         if not path.is_file():
-            raise FileNotFoundError(f"{key}={path}: no such file (a torchvision ImageNet state dict of the backbone)")
+            raise FileNotFoundError(f"{key}={path}: no such file (a torchvision ImageNet state dict of the backbone); "
+                                    f"set {key}=null and {key.rsplit('.', 1)[0]}.allow_random_backbone=true to run "
+                                    f"with a random backbone ('lpips-random')")
         state = safe_load(path)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
@@ -107,6 +112,12 @@ class LPIPSLoss(nn.Module):
         return self
 
     def forward(self, x: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Images x, y (B, 3, H, W) in [-1, 1], optional mask (B or 1, 1, H, W) in [0, 1] -> distances (B,)."""
+        if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"LPIPSLoss: x {tuple(x.shape)} and y {tuple(y.shape)} must both be (B, 3, H, W)")
+        if mask is not None and (mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, x.shape[0])
+                                 or mask.shape[-2:] != x.shape[-2:]):
+            raise ValueError(f"LPIPSLoss: mask {tuple(mask.shape)} must be (B, 1, H, W) for images {tuple(x.shape)}")
         if min(x.shape[-2:]) < MIN_SIZE:
             # AlexNet's strided stem and pools leave nothing of images under 32 px: compare them upsampled.
             x, y = (F.interpolate(t, size=(MIN_SIZE, MIN_SIZE), mode="bilinear", align_corners=False) for t in (x, y))

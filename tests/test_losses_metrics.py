@@ -7,11 +7,12 @@ import torch
 
 from lightning_modules.identity import IDLoss, face_crop
 from lightning_modules.metrics import MetricTable, image_metrics, mask_metrics
-from lightning_modules.perceptual import LPIPSLoss
+from lightning_modules.perceptual import LPIPSLoss, torchvision_key_map
 from networks.checkpoints import CheckpointError
 from networks.encoders import IRSEArcFace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+random_backbone_ok = pytest.mark.filterwarnings("ignore:LPIPSLoss. no .*lpips-random:UserWarning")
 
 
 def images(n=2, size=32, seed=0):
@@ -21,16 +22,21 @@ def images(n=2, size=32, seed=0):
 def test_lpips_needs_a_backbone_file_or_an_explicit_opt_in(tmp_path):
     with pytest.raises(ValueError, match=r"model.lpips.backbone_weights=PATH.*allow_random_backbone=true"):
         LPIPSLoss()
-    with pytest.raises(FileNotFoundError, match="nowhere.pth: no such file"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.pth: no such file.*model.lpips.allow_random_backbone=true"):
         LPIPSLoss(backbone_weights=str(tmp_path / "nowhere.pth"))
-    with pytest.warns(UserWarning, match="lpips-random"):
+    with pytest.raises(ValueError, match="net must be one of"):
+        LPIPSLoss(net="squeeze", allow_random_backbone=True)
+    with pytest.warns(UserWarning, match="lpips-random") as record:
         loss = LPIPSLoss(allow_random_backbone=True)
+    assert len(record) == 1  # torchvision's `pretrained=` deprecation noise from lpips is filtered out
     assert loss.metric_name == "lpips-random"
-    again = LPIPSLoss(allow_random_backbone=True)  # seeded: the same random backbone every time
+    with pytest.warns(UserWarning, match="lpips-random"):
+        again = LPIPSLoss(allow_random_backbone=True)  # seeded: the same random backbone every time
     x, y = images(), images(seed=1)
     torch.testing.assert_close(loss(x, y), again(x, y))
 
 
+@random_backbone_ok
 def test_lpips_values_gradients_and_mask():
     loss = LPIPSLoss(allow_random_backbone=True)
     x, y = images(), images(seed=1)
@@ -46,8 +52,18 @@ def test_lpips_values_gradients_and_mask():
     left = torch.zeros(2, 1, 32, 32)
     left[..., :8] = 1
     assert (loss(x, z, mask=left) < 0.5 * loss(x, z, mask=1 - left)).all()
+    # an all-ones mask gives the plain per-image distance (up to lpips' bilinear upsampling of each layer's map)
+    torch.testing.assert_close(loss(x, z, mask=torch.ones(2, 1, 32, 32)), loss(x, z), rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(loss(x, z, mask=left[:1]), loss(x, z, mask=left))  # one mask for the batch
+    loss.train()  # stays in eval mode
+    assert not loss.net.training
+    with pytest.raises(ValueError, match=r"mask \(2, 3, 32, 32\) must be \(B, 1, H, W\)"):
+        loss(x, z, mask=torch.ones(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="must both be"):
+        loss(x, z[..., :16])
 
 
+@random_backbone_ok
 def test_lpips_loads_a_torchvision_backbone_file(tmp_path):
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(5)
@@ -63,6 +79,27 @@ def test_lpips_loads_a_torchvision_backbone_file(tmp_path):
     torch.save({"features.0.weight": state["features.0.weight"]}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match="partial.pth is not a torchvision alex state dict: missing"):
         LPIPSLoss(backbone_weights=str(tmp_path / "partial.pth"))
+    state["features.3.weight"] = state["features.3.weight"][:8]
+    torch.save({"state_dict": state}, tmp_path / "wrong_shape.pth")  # a {"state_dict": ...} wrapper is read too
+    with pytest.raises(ValueError, match=r"features.3.weight has shape \(8, 64, 5, 5\), expected \(192, 64, 5, 5\)"):
+        LPIPSLoss(backbone_weights=str(tmp_path / "wrong_shape.pth"))
+
+
+def test_lpips_loads_a_torchvision_vgg16_backbone_file(tmp_path):
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(6)
+    # torchvision's VGG16 feature stack alone (the ImageNet file also holds classifier.* keys, which are ignored)
+    features = tv.models.vgg.make_layers(tv.models.vgg.cfgs["D"])
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    state["classifier.0.bias"] = torch.zeros(4096)
+    torch.save(state, tmp_path / "vgg16.pth")
+    loss = LPIPSLoss(net="vgg", backbone_weights=str(tmp_path / "vgg16.pth"))
+    assert loss.metric_name == "lpips" and loss.net_name == "vgg"
+    torch.testing.assert_close(loss.net.net.slice5._modules["28"].weight, state["features.28.weight"])
+    own = dict(loss.net.net.named_parameters())
+    assert len(own) == 26 and all(torch.equal(own[n], state[k]) for n, k in torchvision_key_map(loss.net.net).items())
+    x, y = images(), images(seed=1)
+    assert loss(x, x).abs().max() < 1e-6 and (loss(x, y) > 0).all()
 
 
 def test_id_loss_rules_and_values(tmp_path):
@@ -150,6 +187,14 @@ def test_mask_metrics_on_known_masks():
     assert m["recall@0.5"].tolist() == pytest.approx([0.5, 1.0])
     assert m["iou@0.8"][1] == 0  # nothing predicted at 0.8, 8 true pixels missed
     assert m["best_iou"][0] == pytest.approx(0.5) and m["best_threshold"][1] <= 0.7
+    # a soft mask whose best cut is 0.3: IoU 1 there, below it at 0.5
+    soft = gt * 0.4 + (1 - gt) * 0.1
+    m = mask_metrics(soft[:1], gt[:1])
+    assert m["iou@0.5"][0] == 0 and m["best_iou"][0] == 1 and 0.1 < m["best_threshold"][0] <= 0.4
+    empty = mask_metrics(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
+    assert empty["iou@0.5"][0] == 1 and empty["precision@0.5"][0] == 1 and empty["recall@0.5"][0] == 1
+    with pytest.raises(ValueError, match="must be equal"):
+        mask_metrics(pred, gt[..., :2])
 
 
 def test_metric_table_rows_means_and_files(tmp_path):
