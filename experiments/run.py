@@ -5,7 +5,8 @@ experiments, config groups and main keys.
 
 Flow: check the command line -> compose the config (Hydra) -> check the run directory -> seed ->
 instantiate `data`, `model`, `callbacks`, `logger`, `trainer` -> `trainer.fit(model, datamodule, ckpt_path)`
--> on rank zero `model.export_handoff(run_dir)` (stage 0 writes `<run_dir>/generator.pt`) and print its path.
+-> on rank zero `model.export_handoff(run_dir)` (stage 0 writes `<run_dir>/generator.pt`) and print its path
+-> with `evaluate=true`, `trainer.test` on the test split and per-image metrics in `<run_dir>/metrics/`.
 
 Run directory (`paths.run_dir`): `outputs/<task_name>/<YYYY-mm-dd_HH-MM-SS-ffffff>` by default (the
 SLURM job id instead of the time stamp under SLURM, so all ranks of one job agree). Choose it with
@@ -114,11 +115,26 @@ def train(cfg: DictConfig) -> Path | None:
     if trainer.interrupted:
         log.warning(f"Training was interrupted; continue with: resume=true paths.run_dir={run_dir}")
         return None
-    if not trainer.is_global_zero:
-        return None
-    path = Path(model.export_handoff(run_dir))
-    print(f"Hand-off written: {path}")
+    path = None
+    if trainer.is_global_zero:
+        path = Path(model.export_handoff(run_dir))
+        print(f"Hand-off written: {path}")
+    if cfg.get("evaluate"):  # every rank takes part in trainer.test
+        evaluate(trainer, model, datamodule, run_dir)
     return path
+
+
+def evaluate(trainer, model, datamodule, run_dir: Path) -> None:
+    """`trainer.test` on the datamodule's test split; per-image rows of `model.test_table` (when the stage keeps
+    one) go to `<run_dir>/metrics/test.csv` and `test.json`, and the means are printed."""
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    table = getattr(model, "test_table", None)
+    if not trainer.is_global_zero or table is None or not getattr(table, "rows", None):
+        return
+    table.to_csv(run_dir / "metrics" / "test.csv")
+    table.to_json(run_dir / "metrics" / "test.json")
+    means = ", ".join(f"{k} {v:.4g}" for k, v in table.mean().items())
+    print(f"Test ({len(table.rows)} images): {means}\nPer-image metrics: {run_dir / 'metrics' / 'test.csv'}")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")

@@ -218,12 +218,14 @@ def run_script(*args, cwd):
 def test_help_lists_experiments_groups_and_main_keys(tmp_path):
     result = run_script("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for text in ("+exp=<experiment>", "exp: stylegan", "trainer: cpu, ddp, ddp_cpu", "resume=true", "overwrite=true",
-                 "data.root=PATH"):
+    for text in ("+exp=<experiment>", "trainer: cpu, ddp, ddp_cpu", "resume=true", "overwrite=true",
+                 "data.root=PATH", "evaluate=true"):
         assert text in result.stdout
+    exp_line = next(line for line in result.stdout.splitlines() if line.startswith("exp: "))
+    assert {"stylegan", "e4e", "psp", "ood_blend"} <= set(exp_line[5:].split(", "))
 
 
-@pytest.mark.parametrize("args, expected", [(["+exp=nope"], "Available experiments: stylegan"),
+@pytest.mark.parametrize("args, expected", [(["+exp=nope"], "Available experiments: e4e, ood_blend, psp, stylegan"),
                                             (["exp=stylegan"], "Write +exp=stylegan")])
 def test_script_rejects_bad_exp_without_traceback(tmp_path, args, expected):
     result = run_script(*args, cwd=tmp_path)

@@ -1,0 +1,291 @@
+"""Stage 2: joint spatial alignment + invertibility-mask learning (the ICCV 2023 method, methods.md §2.7).
+
+The generator and the stage-1 encoder come from the stage-1 hand-off (``encoder.pt``, e4e layout) and
+stay frozen. ``networks.align_mask.AlignMaskNet`` warps the generator's features towards the encoder
+taps and predicts, per level, the invertibility mask alpha (1 = not invertible: copy from the input);
+the output blends ``mask * input + (1 - mask) * generated``. Losses, all against the input:
+
+* pixel MSE (weight ``pixel``), LPIPS (``perceptual``; a random backbone only when opted in, then
+  logged as "lpips-random"), ID (``identity``, only with ArcFace weights);
+* adversarial: a StyleGAN2 discriminator trained from scratch, non-saturating (``adversarial``);
+* mask binarisation ``mean(min(alpha, 1 - alpha))`` per level and on the fused mask (``binarization``);
+* mask area hinge ``max(0, mean(alpha) - limit)`` per level and fused (``area``, ``area_limits``).
+
+Without the area hinge the trivial solution is mask = 1 everywhere (output = input). Levels are
+switched on progressively (``level_milestones``: the step at which each level starts). An EMA copy of
+the trainable network is what validation, test and the hand-off use (the official ``params_ema``).
+Hand-off: ``<run_dir>/align_mask.pt`` ``{"state_dict", "config", "meta"}``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_modules.gan_losses import d_logistic_loss, g_nonsaturating_loss
+from lightning_modules.metrics import MetricTable, image_metrics, mask_metrics
+from lightning_modules.perceptual import LPIPSLoss
+from lightning_modules.plain import to_plain
+from lightning_modules.stage1_module import batch_images
+from lightning_modules.steps import uncounted_step
+from networks.align_mask import AlignMaskNet, default_levels
+from networks.checkpoints import CheckpointError, load_generator
+from networks.encoder_checkpoints import load_e4e_checkpoint
+from networks.encoders import resize_to_encoder
+from networks.stylegan2 import Discriminator
+
+PRODUCED_BY = "stage2 AlignMaskModule"
+Tensor = torch.Tensor
+
+
+def save_align_mask(path, net: AlignMaskNet, meta: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``{"state_dict", "config", "meta"}`` atomically to ``path``; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                "config": to_plain(dict(net.config)), "meta": to_plain(dict(meta or {}))}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_align_mask(path) -> tuple:
+    """Read an ``align_mask.pt`` -> (AlignMaskNet in eval mode, meta dict); CheckpointError naming the file."""
+    from networks.checkpoints import load_strict, safe_load
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (a stage-2 align_mask.pt)")
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, Mapping) or not {"state_dict", "config"} <= set(ckpt):
+        raise CheckpointError(f"{path} is not a stage-2 hand-off: expected keys state_dict, config, meta")
+    net = AlignMaskNet(**ckpt["config"])
+    load_strict(net, ckpt["state_dict"], source=str(path))
+    return net.eval(), dict(ckpt.get("meta") or {})
+
+
+class AlignMaskModule(pl.LightningModule):
+    """Trains the alignment + mask levels on top of a frozen stage-1 encoder and generator.
+
+    Args:
+        encoder_checkpoint: the stage-1 hand-off (e4e layout: encoder, generator, latent_avg).
+        generator_checkpoint: optional generator file; when given it must hold the same generator as the
+            encoder file (same config and weights), else a CheckpointError names both files.
+        levels: resolutions of the levels (null = ``networks.align_mask.default_levels(G.size)``).
+        warp_scale, cycles, blur_padding: ``AlignMaskNet`` settings (official: 0.08, 2).
+        level_milestones: step at which each level becomes active (one per level, first 0).
+        lr, betas: Adam of the trainable network and of the discriminator (official 2e-5, (0, 0.99)).
+        pixel, perceptual, identity_weight, adversarial, binarization, area: loss weights.
+        area_limits: per-level limits of the mean mask (keys: level resolution or "fused").
+        lpips, identity: ``LPIPSLoss`` / ``IDLoss`` kwargs.
+        ema_decay: EMA of the trainable network (official 0.5 ** (32 / 10000)).
+        discriminator: ``networks.stylegan2.Discriminator`` kwargs besides ``size``.
+        n_grid: images in the validation grid.
+    """
+
+    def __init__(self, encoder_checkpoint: str, generator_checkpoint: Optional[str] = None,
+                 levels: Optional[Sequence[int]] = None, warp_scale: float = 0.08, cycles: int = 2,
+                 blur_padding: str = "replicate", level_milestones: Optional[Sequence[int]] = None,
+                 lr: float = 2e-5, betas: Sequence[float] = (0.0, 0.99), pixel: float = 1.0,
+                 perceptual: float = 1.0, identity_weight: float = 0.0, adversarial: float = 0.5,
+                 binarization: float = 0.04, area: float = 5.0, area_limits: Optional[Mapping] = None,
+                 lpips: Optional[dict] = None, identity: Optional[dict] = None, ema_decay: float = 0.99778,
+                 discriminator: Optional[dict] = None, n_grid: int = 8):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.encoder_checkpoint = str(encoder_checkpoint)
+        loaded = load_e4e_checkpoint(Path(self.encoder_checkpoint).expanduser())
+        self.encoder, self.generator = loaded.encoder.eval(), loaded.generator.eval()
+        self.encoder.requires_grad_(False)
+        self.generator.requires_grad_(False)
+        self.register_buffer("latent_avg", loaded.latent_avg.float().clone())
+        if generator_checkpoint:
+            self._check_same_generator(Path(generator_checkpoint).expanduser())
+
+        size = self.generator.size
+        self.level_list = [int(r) for r in (levels or default_levels(size))]
+        enc_size = int(self.encoder.config["input_size"])
+        self.net = AlignMaskNet(dict(self.generator.channels), dict(self.encoder.feature_channels), self.level_list,
+                                enc_size, warp_scale=warp_scale, cycles=cycles, blur_padding=blur_padding)
+        self.net_ema = copy.deepcopy(self.net).requires_grad_(False)
+        milestones = list(level_milestones) if level_milestones is not None else [0] * len(self.level_list)
+        if len(milestones) != len(self.level_list) or milestones != sorted(milestones) or milestones[0] != 0:
+            raise ValueError(f"AlignMaskModule: model.level_milestones={milestones} must give one ascending step per "
+                             f"level {self.level_list}, starting at 0")
+        self.milestones = [int(m) for m in milestones]
+        limits = {str(k): float(v) for k, v in (area_limits or {}).items()}
+        self.area_limits = {str(r): limits.get(str(r), 0.3 if i < 2 else 0.2) for i, r in enumerate(self.level_list)}
+        self.area_limits["fused"] = limits.get("fused", 0.2)
+        self.lpips = LPIPSLoss(**to_plain(lpips or {}))
+        self.id_loss = None
+        if identity_weight > 0:
+            from lightning_modules.identity import IDLoss
+
+            self.id_loss = IDLoss(**to_plain(identity or {}))
+        d_kwargs = dict(to_plain(discriminator or {}))
+        d_kwargs.setdefault("channel_multiplier", self.generator.config.get("channel_multiplier", 2))
+        d_kwargs.setdefault("channel_max", self.generator.config.get("channel_max", 512))
+        self.discriminator = Discriminator(size, **d_kwargs) if adversarial > 0 else None
+        self.val_table, self.test_table = MetricTable(), MetricTable()
+        self.grid_batch: Optional[Dict[str, Tensor]] = None
+
+    # ------------------------------------------------------------------ public API
+    def active_levels(self, step: Optional[int] = None) -> List[int]:
+        """Levels active after ``step`` training steps (default: the current global step)."""
+        step = int(self.global_step if step is None else step)
+        return [r for r, m in zip(self.level_list, self.milestones) if step >= m]
+
+    @torch.no_grad()
+    def encode(self, images: Tensor):
+        """Images (B, 3, S, S) -> (W+ codes (B, L, D) with latent_avg, encoder taps {"f0".."f4"})."""
+        x = resize_to_encoder(images, int(self.encoder.config["input_size"]))
+        codes, taps = self.encoder.forward_features(x)
+        return codes + self.latent_avg.unsqueeze(0), taps
+
+    def run(self, images: Tensor, codes: Optional[Tensor] = None, use_ema: bool = True, active_levels=None):
+        """Invert ``images``: ``AlignMaskOutput`` (output, generated, mask, alphas, flows).
+
+        ``codes`` (B, L, D) replaces the encoder's codes (e.g. an edited code: alignment and blending then
+        run against the input, as the official editing does); the taps always come from ``images``.
+        """
+        enc_codes, taps = self.encode(images)
+        net = self.net_ema if use_ema else self.net
+        return net(self.generator, enc_codes if codes is None else codes, taps, images,
+                   active_levels=self.level_list if active_levels is None else active_levels)
+
+    def export_handoff(self, run_dir) -> Path:
+        """Write ``run_dir/align_mask.pt`` (EMA weights, config, meta naming the stage-1 file); returns its path."""
+        meta = {"produced_by": PRODUCED_BY, "global_step": int(self.global_step),
+                "encoder_checkpoint": self.encoder_checkpoint, "generator": dict(self.generator.config),
+                "encoder": dict(self.encoder.config), "module": to_plain(dict(self.hparams))}
+        return save_align_mask(Path(run_dir) / "align_mask.pt", self.net_ema, meta)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def configure_optimizers(self):
+        betas = tuple(self.hparams.betas)
+        opts = [torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr, betas=betas)]
+        if self.discriminator is not None:
+            opts.append(torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr, betas=betas))
+        return opts
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        self.generator.eval()
+        self.encoder.eval()
+        x = batch_images(batch)
+        active = self.active_levels()
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        codes, taps = self.encode(x)
+        out = self.net(self.generator, codes, taps, x, active_levels=active)
+        logs: Dict[str, Tensor] = {}
+        if self.discriminator is not None:
+            self.toggle_optimizer(opts[1])
+            loss_d = d_logistic_loss(self.discriminator(x), self.discriminator(out.output.detach()))
+            opts[1].zero_grad(set_to_none=True)
+            self.manual_backward(loss_d)
+            uncounted_step(self, opts[1])
+            self.untoggle_optimizer(opts[1])
+            logs["train/loss_d"] = loss_d.detach()
+        loss, parts = self._losses(x, out)
+        opts[0].zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opts[0].step()
+        self._update_ema()
+        logs.update({f"train/{k}": v for k, v in parts.items()})
+        logs["train/loss"] = loss.detach()
+        logs["train/active_levels"] = torch.tensor(float(len(active)))
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=x.shape[0])
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_table = MetricTable()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, self.val_table)
+
+    def on_validation_epoch_end(self) -> None:
+        means = self.val_table.mean()
+        if means:
+            self.log_dict({f"val/{k}": float(v) for k, v in means.items()}, sync_dist=True)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_table = MetricTable()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, self.test_table)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict({f"test/{k}": float(v) for k, v in self.test_table.mean().items()}, sync_dist=True)
+
+    # ------------------------------------------------------------------ internals
+    def _losses(self, x: Tensor, out):
+        hp = self.hparams
+        parts: Dict[str, Tensor] = {"pixel": F.mse_loss(out.output, x)}
+        loss = hp.pixel * parts["pixel"]
+        if hp.perceptual > 0:
+            parts[self.lpips.metric_name] = self.lpips(out.output, x).mean()
+            loss = loss + hp.perceptual * parts[self.lpips.metric_name]
+        if self.id_loss is not None:
+            parts[self.id_loss.metric_name] = self.id_loss(out.output, x).mean()
+            loss = loss + hp.identity_weight * parts[self.id_loss.metric_name]
+        if self.discriminator is not None:
+            parts["adv"] = g_nonsaturating_loss(self.discriminator(out.output))
+            loss = loss + hp.adversarial * parts["adv"]
+        masks = {str(r): a for r, a in out.alphas.items()}
+        if masks:
+            masks["fused"] = out.mask
+            parts["binarization"] = sum(torch.minimum(a, 1 - a).mean() for a in masks.values())
+            parts["area"] = sum(F.relu(a.mean() - self.area_limits[k]) for k, a in masks.items())
+            parts["mask_mean"] = out.mask.mean()
+            loss = loss + hp.binarization * parts["binarization"] + hp.area * parts["area"]
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.hparams.ema_decay
+        for p_ema, p in zip(self.net_ema.parameters(), self.net.parameters()):
+            p_ema.lerp_(p.detach(), 1 - decay)
+        for b_ema, b in zip(self.net_ema.buffers(), self.net.buffers()):
+            b_ema.copy_(b)
+
+    @torch.no_grad()
+    def _evaluate(self, batch, batch_idx: int, table: MetricTable) -> None:
+        x = batch_images(batch)
+        gt = batch.get("ood_mask") if isinstance(batch, Mapping) else None
+        target = batch["clean"] if isinstance(batch, Mapping) and "clean" in batch else x
+        out = self.run(x)
+        metrics = image_metrics(out.output, x, gt)  # reconstruction of the input, whole / in / out of the OOD area
+        metrics.update({f"clean_{k}": v for k, v in image_metrics(out.output, target, gt).items()
+                        if k in ("psnr", "ssim", "psnr_out")})
+        metrics[self.lpips.metric_name] = self.lpips(out.output, x)
+        metrics["mask_mean"] = out.mask.mean(dim=(1, 2, 3))
+        if gt is not None and gt.sum() > 0:
+            metrics.update(mask_metrics(out.mask, gt))
+        names = list(batch["name"]) if isinstance(batch, Mapping) and "name" in batch else \
+            [f"{batch_idx}_{i}" for i in range(x.shape[0])]
+        table.add(names, metrics)
+        if batch_idx == 0:
+            n = self.hparams.n_grid
+            rows = {"input": x[:n], "generated": out.generated[:n], "mask": out.mask[:n], "output": out.output[:n]}
+            if gt is not None:
+                rows["ood_mask"] = gt[:n]
+            self.grid_batch = rows
+
+    def _check_same_generator(self, path: Path) -> None:
+        where = f"model.generator_checkpoint={path} and model.encoder_checkpoint={self.encoder_checkpoint}"
+        if not path.is_file():
+            raise CheckpointError(f"model.generator_checkpoint={path}: no such file")
+        other, _ = load_generator(path)
+        if dict(other.config) != dict(self.generator.config):
+            raise CheckpointError(f"{where} hold different generators: {dict(other.config)} vs "
+                                  f"{dict(self.generator.config)} (size / latent count must match)")
+        mine = self.generator.state_dict()
+        if any(not torch.equal(v, mine[k]) for k, v in other.state_dict().items()):
+            raise CheckpointError(f"{where} hold generators with the same architecture but different weights; "
+                                  f"stage 2 must use the generator stage 1 was trained for")
+        rank_zero_info(f"AlignMaskModule: {path} matches the generator inside {self.encoder_checkpoint}")

@@ -1,0 +1,94 @@
+"""Stage 2 (alignment + invertibility mask) LightningModule: schedule, losses, EMA hand-off, checks, evaluation."""
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_modules.stage2_module import AlignMaskModule, load_align_mask
+from networks.checkpoints import CheckpointError, export_generator
+from networks.encoder_checkpoints import export_e4e_checkpoint
+from networks.encoders import build_encoder
+from networks.stylegan2 import Generator
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+G_CFG = dict(size=64, style_dim=32, n_mlp=2, channel_multiplier=1, channel_max=32)
+
+
+@pytest.fixture(scope="module")
+def stage1_file(tmp_path_factory):
+    torch.manual_seed(0)
+    g = Generator(**G_CFG)
+    enc = build_encoder("e4e", n_styles=g.n_latent, style_dim=32, input_size=64, width=0.25, units=[1, 1, 1, 1])
+    latent_avg = g.mean_latent(256, seed=0).reshape(1, -1).repeat(g.n_latent, 1)
+    root = tmp_path_factory.mktemp("stage1")
+    export_generator(root / "generator.pt", g, latent_avg[0])
+    return export_e4e_checkpoint(root / "encoder.pt", enc, g, latent_avg)
+
+
+def make_module(stage1_file, **kwargs):
+    pl.seed_everything(0, verbose=False)
+    opts = dict(encoder_checkpoint=str(stage1_file), lpips=dict(allow_random_backbone=True), lr=1e-3,
+                level_milestones=[0, 2], n_grid=2)
+    opts.update(kwargs)
+    return AlignMaskModule(**opts)
+
+
+def trainer(tmp_path, steps, **kwargs):
+    return pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                      num_sanity_val_steps=0, log_every_n_steps=1, **kwargs)
+
+
+def test_levels_follow_the_milestones(stage1_file):
+    module = make_module(stage1_file)
+    assert module.level_list == [8, 16]
+    assert module.active_levels(0) == [8] and module.active_levels(2) == [8, 16]
+    assert module.area_limits == {"8": 0.3, "16": 0.3, "fused": 0.2}
+    with pytest.raises(ValueError, match="level_milestones"):
+        make_module(stage1_file, level_milestones=[5, 0])
+
+
+def test_training_lowers_the_loss_and_the_hand_off_reloads(stage1_file, tmp_path):
+    module = make_module(stage1_file)
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        first, _ = module._losses(x, module.net(module.generator, *module.encode(x), x, active_levels=[8, 16]))
+    trainer(tmp_path, 12).fit(module, DataLoader(TensorDataset(x), batch_size=4))
+    with torch.no_grad():
+        last, parts = module._losses(x, module.net(module.generator, *module.encode(x), x, active_levels=[8, 16]))
+    assert last < first
+    assert {"pixel", "lpips-random", "adv", "binarization", "area", "mask_mean"} <= set(parts)
+    assert all(p.grad is None for p in module.generator.parameters())
+    path = module.export_handoff(tmp_path)
+    net, meta = load_align_mask(path)
+    assert meta["encoder_checkpoint"] == str(stage1_file) and meta["global_step"] == 12
+    codes, taps = module.encode(x)
+    with torch.no_grad():
+        ref = module.net_ema(module.generator, codes, taps, x)
+        again = net(module.generator, codes, taps, x)
+    torch.testing.assert_close(again.output, ref.output)
+
+
+def test_another_generator_is_caught_naming_both_files(stage1_file, tmp_path):
+    other = Generator(**dict(G_CFG, style_dim=16))
+    path = export_generator(tmp_path / "other.pt", other, other.mean_latent(64, seed=0).reshape(-1))
+    with pytest.raises(CheckpointError, match=r"other.pt and model.encoder_checkpoint=.*encoder.pt hold different"):
+        make_module(stage1_file, generator_checkpoint=str(path))
+    same_arch = Generator(**G_CFG)
+    path = export_generator(tmp_path / "same_arch.pt", same_arch, same_arch.mean_latent(64, seed=0).reshape(-1))
+    with pytest.raises(CheckpointError, match="different weights"):
+        make_module(stage1_file, generator_checkpoint=str(path))
+    make_module(stage1_file, generator_checkpoint=str(stage1_file.parent / "generator.pt"))  # the right one passes
+
+
+def test_evaluation_keeps_mask_and_region_metrics(stage1_file, tmp_path):
+    module = make_module(stage1_file)
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    gt = torch.zeros(3, 1, 64, 64)
+    gt[:, :, 40:] = 1
+    items = [{"image": x[i], "clean": x[i], "ood_mask": gt[i], "name": f"n{i}"} for i in range(3)]
+    trainer(tmp_path, 1).test(module, DataLoader(items, batch_size=3), verbose=False)
+    row = module.test_table.rows[0]
+    assert row["name"] == "n0"
+    assert {"psnr", "psnr_in", "psnr_out", "iou@0.5", "best_iou", "mask_mean", "lpips-random"} <= set(row)
+    assert set(module.grid_batch) == {"input", "generated", "mask", "output", "ood_mask"}
