@@ -229,12 +229,15 @@ class EncoderModule(pl.LightningModule):
             self.log_dict({f"val/{k}": float(v) for k, v in means.items()}, sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        """Per-image metrics against the batch's ``clean`` image when present (dict batches), else the input."""
+        """Per-image metrics of the reconstruction against the input (whole image, and inside / outside the
+        ``ood_mask`` of SynthFaces evaluation batches), plus ``clean_*`` against the clean twin when present."""
         x = self._check_images(batch_images(batch))
-        target = batch["clean"] if isinstance(batch, Mapping) and "clean" in batch else x
         mask = batch.get("ood_mask") if isinstance(batch, Mapping) else None
         y_hat = self(x)
-        metrics = self._metrics(y_hat, target, mask)
+        metrics = self._metrics(y_hat, x, mask)
+        if isinstance(batch, Mapping) and "clean" in batch:
+            metrics.update({f"clean_{k}": v for k, v in image_metrics(y_hat, batch["clean"], mask).items()
+                            if k in ("psnr", "ssim", "psnr_out")})
         names = list(batch["name"]) if isinstance(batch, Mapping) and "name" in batch else \
             [f"{batch_idx}_{i}" for i in range(x.shape[0])]
         self.test_table.add(names, metrics)

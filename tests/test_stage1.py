@@ -190,6 +190,8 @@ def test_run_py_e4e_trains_validates_and_exports(compose_cfg, make_images, gener
     with Image.open(grids[-1]) as im:
         assert im.size[1] > im.size[0] / 3  # two rows: inputs and reconstructions
     assert (run / "checkpoints" / "last.ckpt").is_file()
+    rows = (run / "metrics" / "test.csv").read_text().splitlines()  # evaluate=true: the held-out images tested
+    assert rows[0].startswith("name,mse,psnr,ssim") and len(rows) == 3
 
 
 class EncoderRankCheck(pl.Callback):
