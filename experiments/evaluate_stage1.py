@@ -43,22 +43,27 @@ def load_clean_images(root: Path, resolution: int, n: int):
     return torch.stack([it["image"] for it in items]), [it["name"] for it in items]
 
 
-def encode_all(loaded, images: torch.Tensor, batch: int) -> tuple[torch.Tensor, float]:
-    """W+ codes (N, L, D) of the encoder (latent_avg added) and the images/s of encode + decode."""
-    codes, start = [], time.perf_counter()
+def encode_all(loaded, images: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """W+ codes (N, L, D) of the encoder (latent_avg added), their reconstructions (N, 3, S, S) with the
+    stored noise, and the images/s of encode + decode."""
+    codes, recons, start = [], [], time.perf_counter()
     with torch.no_grad():
         for chunk in images.split(batch):
             x = resize_to_encoder(chunk, loaded.encoder.config["input_size"])
             c = loaded.encoder(x) + loaded.latent_avg.unsqueeze(0)
-            loaded.generator([c], input_is_latent=True)  # counted: an inversion ends with the image
             codes.append(c)
-    return torch.cat(codes), images.shape[0] / (time.perf_counter() - start)
+            recons.append(loaded.generator([c], input_is_latent=True)[0])
+    return torch.cat(codes), torch.cat(recons), images.shape[0] / (time.perf_counter() - start)
 
 
-def decode(generator, codes: torch.Tensor, batch: int) -> torch.Tensor:
-    """Images (N, 3, S, S) of W+ codes with the stored noise."""
+def decode(generator, codes: torch.Tensor, batch: int, noises=None) -> torch.Tensor:
+    """Images (N, 3, S, S) of W+ codes with the stored noise, or with per-image ``noises`` (each (N, 1, r, r))."""
+    out = []
     with torch.no_grad():
-        return torch.cat([generator([c], input_is_latent=True)[0] for c in codes.split(batch)])
+        for lo in range(0, codes.shape[0], batch):
+            noise = None if noises is None else [n[lo:lo + batch] for n in noises]
+            out.append(generator([codes[lo:lo + batch]], input_is_latent=True, noise=noise)[0])
+    return torch.cat(out)
 
 
 def main(argv=None) -> dict:
@@ -86,19 +91,20 @@ def main(argv=None) -> dict:
     images, names = load_clean_images(Path(args.data), generator.size, args.n)
 
     results, tables, codes_of = {}, {}, {}
-    codes, speed = encode_all(loaded, images, args.batch)
-    methods = [(loaded.opts.get("encoder_type", "encoder"), images, names, codes, speed)]
+    codes, recon, speed = encode_all(loaded, images, args.batch)
+    # (name, targets, image names, codes, reconstructions, noise maps or None = stored, images/s)
+    methods = [(loaded.opts.get("encoder_type", "encoder"), images, names, codes, recon, None, speed)]
     if args.projection_n > 0:
         subset = images[:args.projection_n]
         start = time.perf_counter()
         result = project(generator, subset, perceptual=lpips, latent_avg=loaded.latent_avg[0],
                          space=args.projection_space, steps=args.projection_steps)
         p_speed = subset.shape[0] / (time.perf_counter() - start)
+        noises = [n.detach() for n in result.noises]  # the projector optimises noise: its codes go with it
         methods.append((f"optimisation ({args.projection_space}, {args.projection_steps} steps)", subset,
-                        names[:args.projection_n], result.codes.detach(), p_speed))
+                        names[:args.projection_n], result.codes.detach(), result.images.detach(), noises, p_speed))
 
-    for method, target, method_names, method_codes, method_speed in methods:
-        recon = decode(generator, method_codes, args.batch)
+    for method, target, method_names, method_codes, recon, noises, method_speed in methods:
         table = MetricTable()
         for lo in range(0, target.shape[0], args.batch):
             t, r = target[lo:lo + args.batch], recon[lo:lo + args.batch]
@@ -106,15 +112,15 @@ def main(argv=None) -> dict:
                 metrics = image_metrics(r, t)
                 metrics[lpips.metric_name] = lpips(r, t)
             table.add(method_names[lo:lo + args.batch], metrics)
-        tables[method], codes_of[method] = table, (method_codes, recon)
+        tables[method], codes_of[method] = table, (method_codes, recon, noises)
         results[method] = dict(table.mean(), images_per_s=method_speed, n=target.shape[0])
 
     edits = {}
     if args.direction:
         classifier = load_attribute_classifier(args.classifier)
         direction = load_direction(args.direction)
-        for method, (method_codes, recon) in codes_of.items():
-            edited = decode(generator, apply_interfacegan(method_codes, direction, args.strength), args.batch)
+        for method, (method_codes, recon, noises) in codes_of.items():
+            edited = decode(generator, apply_interfacegan(method_codes, direction, args.strength), args.batch, noises)
             score = attribute_change(classifier, recon, edited, "smile", direction=args.strength)
             edits[method] = {"success": float(score["success"].mean()), "mean_change": float(score["change"].mean())}
 
