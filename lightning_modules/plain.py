@@ -1,7 +1,9 @@
 """Config values as plain Python containers (weights_only-loadable hyper-parameters and file metadata)."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+
+from networks.checkpoints import plain_containers
 
 
 def to_plain(value: Any) -> Any:
@@ -13,8 +15,4 @@ def to_plain(value: Any) -> Any:
             value = OmegaConf.to_container(value, resolve=True)
     except ImportError:  # pragma: no cover - omegaconf is a dependency, but callers need not be Hydra runs
         pass
-    if isinstance(value, Mapping):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    return value
+    return plain_containers(value)

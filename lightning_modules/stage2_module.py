@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -33,7 +33,7 @@ from lightning_modules.perceptual import LPIPSLoss
 from lightning_modules.plain import to_plain
 from lightning_modules.stage1_module import batch_images
 from lightning_modules.steps import uncounted_step
-from networks.align_mask import AlignMaskNet, default_levels
+from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
 from networks.checkpoints import CheckpointError, load_generator
 from networks.encoder_checkpoints import load_e4e_checkpoint
 from networks.encoders import resize_to_encoder
@@ -41,32 +41,6 @@ from networks.stylegan2 import Discriminator
 
 PRODUCED_BY = "stage2 AlignMaskModule"
 Tensor = torch.Tensor
-
-
-def save_align_mask(path, net: AlignMaskNet, meta: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write ``{"state_dict", "config", "meta"}`` atomically to ``path``; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                "config": to_plain(dict(net.config)), "meta": to_plain(dict(meta or {}))}, tmp)
-    tmp.replace(path)
-    return path
-
-
-def load_align_mask(path) -> tuple:
-    """Read an ``align_mask.pt`` -> (AlignMaskNet in eval mode, meta dict); CheckpointError naming the file."""
-    from networks.checkpoints import load_strict, safe_load
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (a stage-2 align_mask.pt)")
-    ckpt = safe_load(path)
-    if not isinstance(ckpt, Mapping) or not {"state_dict", "config"} <= set(ckpt):
-        raise CheckpointError(f"{path} is not a stage-2 hand-off: expected keys state_dict, config, meta")
-    net = AlignMaskNet(**ckpt["config"])
-    load_strict(net, ckpt["state_dict"], source=str(path))
-    return net.eval(), dict(ckpt.get("meta") or {})
 
 
 class AlignMaskModule(pl.LightningModule):
@@ -164,7 +138,7 @@ class AlignMaskModule(pl.LightningModule):
         meta = {"produced_by": PRODUCED_BY, "global_step": int(self.global_step),
                 "encoder_checkpoint": self.encoder_checkpoint, "generator": dict(self.generator.config),
                 "encoder": dict(self.encoder.config), "module": to_plain(dict(self.hparams))}
-        return save_align_mask(Path(run_dir) / "align_mask.pt", self.net_ema, meta)
+        return save_align_mask(Path(run_dir) / "align_mask.pt", self.net_ema, to_plain(meta))
 
     # ------------------------------------------------------------------ Lightning hooks
     def configure_optimizers(self):

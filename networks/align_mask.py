@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks.checkpoints import CheckpointError, load_strict, plain_containers, safe_load, save_atomic
 from networks.stylegan2.layers import Blur
 
 TAP_STRIDES = {"f0": 1, "f1": 2, "f2": 4, "f3": 8, "f4": 16}
@@ -375,3 +377,23 @@ class AlignMaskNet(nn.Module):
             mask = generated.new_zeros(generated.shape[0], 1, *generated.shape[-2:])
         output = blend(image.detach().to(generated.dtype), generated, mask)
         return AlignMaskOutput(output, generated, mask, alphas, flows)
+
+
+def save_align_mask(path, net: AlignMaskNet, meta: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write the stage-2 hand-off ``{"state_dict", "config", "meta"}`` atomically to ``path``; returns the path."""
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    return save_atomic({"state_dict": state, "config": plain_containers(dict(net.config)),
+                        "meta": plain_containers(dict(meta or {}))}, path)
+
+
+def load_align_mask(path) -> Tuple[AlignMaskNet, Dict[str, Any]]:
+    """Read an ``align_mask.pt`` -> (AlignMaskNet in eval mode, meta dict); CheckpointError naming the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (a stage-2 align_mask.pt)")
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, Mapping) or not {"state_dict", "config"} <= set(ckpt):
+        raise CheckpointError(f"{path} is not a stage-2 hand-off: expected keys state_dict, config, meta")
+    net = AlignMaskNet(**ckpt["config"])
+    load_strict(net, ckpt["state_dict"], source=str(path))
+    return net.eval(), dict(ckpt.get("meta") or {})

@@ -9,10 +9,11 @@ architecture is then inferred from the state-dict shapes.
 """
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -22,6 +23,33 @@ from .stylegan2 import Discriminator, Generator
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, unsafe, or does not fit the network."""
+
+
+def save_atomic(obj: Any, path) -> Path:
+    """``torch.save(obj)`` to a temporary file beside ``path``, then rename it into place; returns the path.
+
+    Readers (and a resumed run) never see a half-written file; parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def plain_containers(value: Any) -> Any:
+    """Mappings and sequences (tuples, lists, config lists) -> plain dicts (str keys) and lists, recursively
+    (weights_only-loadable metadata); strings and other values unchanged."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_containers(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [plain_containers(v) for v in value]
+    return value
 
 
 def safe_load(path, *, trust: bool = False, map_location="cpu") -> Any:
@@ -130,10 +158,7 @@ def export_generator(path, g_ema: Generator, latent_avg: torch.Tensor, *, g: Opt
         info["discriminator"] = dict(d.config)
     info.update(meta or {})
     ckpt["meta"] = info
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)  # atomic: a killed run never leaves a half-written hand-off
-    return path
+    return save_atomic(ckpt, path)
 
 
 def _cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:

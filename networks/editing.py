@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -19,7 +18,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from networks.checkpoints import CheckpointError, safe_load
+from networks.checkpoints import CheckpointError, safe_load, save_atomic
 
 Tensor = torch.Tensor
 Layers = Union[None, slice, range, Sequence[int], tuple]
@@ -68,13 +67,7 @@ def load_direction(path, dim: Optional[int] = None) -> Tensor:
 
 def save_direction(path, direction: Tensor) -> Path:
     """Write ``direction`` (1, D) or (D,) as a float32 (1, D) ``.pt`` tensor (atomically); returns the path."""
-    d = direction.detach().float().cpu().reshape(1, -1).clone()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(d, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_atomic(direction.detach().float().cpu().reshape(1, -1).clone(), path)
 
 
 def _row_mask(n_rows: int, layers: Layers, device) -> Tensor:
@@ -227,12 +220,7 @@ class GanSpace:
 
     def save(self, path) -> Path:
         """Write ``state_dict()`` to ``path`` atomically; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+        return save_atomic(self.state_dict(), path)
 
 
 def load_ganspace(path) -> GanSpace:

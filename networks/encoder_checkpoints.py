@@ -14,14 +14,14 @@ the decoder's shapes and the encoder from the body's units (IR-SE-50, input 256 
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 import torch
 from torch import nn
 
-from networks.checkpoints import CheckpointError, infer_generator_config, load_strict, safe_load
+from networks.checkpoints import (CheckpointError, infer_generator_config, load_strict, plain_containers, safe_load,
+                                  save_atomic)
 from networks.encoders import build_encoder
 from networks.encoders.irse import infer_backbone_args
 from networks.stylegan2 import Generator
@@ -50,15 +50,6 @@ class LoadedEncoder(NamedTuple):
 
 def _sub_state(state: Mapping[str, Any], prefix: str) -> Dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
-
-
-def _plain(value: Any) -> Any:
-    """Tuples -> lists, recursively (the config values written to ``opts``)."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _as_rows(latent_avg: torch.Tensor, n_styles: int, style_dim: int, where: str) -> torch.Tensor:
@@ -190,18 +181,10 @@ def export_e4e_checkpoint(path, encoder: nn.Module, generator: Generator, latent
     state.update({f"decoder.{k}": v.detach().cpu().clone() for k, v in generator.state_dict().items()})
     full_opts = dict(opts or {})
     full_opts.setdefault("start_from_latent_avg", True)
-    full_opts.update(encoder_type=KIND_TO_TYPE[kind], encoder_config=_plain(cfg),
-                     generator_config=_plain(dict(generator.config)), stylegan_size=int(generator.size),
+    full_opts.update(encoder_type=KIND_TO_TYPE[kind], encoder_config=plain_containers(cfg),
+                     generator_config=plain_containers(dict(generator.config)), stylegan_size=int(generator.size),
                      output_size=int(generator.size), n_styles=int(generator.n_latent))
     ckpt: Dict[str, Any] = {"state_dict": state, "opts": full_opts, "latent_avg": rows}
     ckpt.update(extra or {})
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return save_atomic(ckpt, path)

@@ -31,7 +31,7 @@ from torch import nn
 
 from datamodules.synthfaces.factors import FACTOR_NAMES, FACTORS
 from datamodules.synthfaces.parts import NUM_PARTS, PART_CLASSES
-from networks.checkpoints import CheckpointError, load_strict, safe_load
+from networks.checkpoints import CheckpointError, load_strict, safe_load, save_atomic
 
 Tensor = torch.Tensor
 
@@ -340,14 +340,9 @@ def save_aux_net(path, net: nn.Module, meta: Optional[Mapping[str, Any]] = None)
     kind = next((k for k, cls in KINDS.items() if type(net) is cls), None)
     if kind is None:
         raise TypeError(f"save_aux_net saves an AttributeClassifier or a FaceParser, got {type(net).__name__}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     payload = {"state_dict": state, "config": dict(net.config), "meta": {**dict(meta or {}), "kind": kind}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return save_atomic(payload, path)
 
 
 def _load(path, kind: str, map_location) -> nn.Module:

@@ -4,7 +4,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.stage2_module import AlignMaskModule, load_align_mask
+from lightning_modules.stage2_module import AlignMaskModule
+from networks.align_mask import load_align_mask
 from networks.checkpoints import CheckpointError, export_generator
 from networks.encoder_checkpoints import export_e4e_checkpoint
 from networks.encoders import build_encoder
