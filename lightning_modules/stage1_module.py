@@ -197,10 +197,10 @@ class EncoderModule(pl.LightningModule):
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         logs: Dict[str, Tensor] = {}
+        codes = self.encode(x)  # one encoder pass serves both steps (the discriminator sees it detached)
         if self.w_discriminator is not None:
-            logs.update(self._discriminator_step(x, optimizers[1]))
+            logs.update(self._discriminator_step(codes[:, 0].detach(), optimizers[1]))
 
-        codes = self.encode(x)
         y_hat = self.decode(codes, randomize_noise=self.hparams.train_randomize_noise)
         loss, parts = self._encoder_loss(x, y_hat, codes)
         optimizers[0].zero_grad(set_to_none=True)
@@ -277,12 +277,12 @@ class EncoderModule(pl.LightningModule):
             loss = loss + hp.w_discriminator_lambda * parts["w_adv"]
         return loss, {k: v.detach() for k, v in parts.items()}
 
-    def _discriminator_step(self, x: Tensor, opt_d) -> Dict[str, Tensor]:
+    def _discriminator_step(self, fake_w: Tensor, opt_d) -> Dict[str, Tensor]:
+        """fake_w (B, D): the first rows of the encoded codes (e4e discriminates the shared W), detached."""
         disc = self.w_discriminator
         with torch.no_grad():
-            z = torch.randn(x.shape[0], self.generator.style_dim, device=x.device)
+            z = torch.randn(fake_w.shape[0], self.generator.style_dim, device=fake_w.device)
             real_w = self.generator.get_latent(z)
-            fake_w = self.encode(x)[:, 0]  # e4e discriminates the first row (the shared W)
         self.toggle_optimizer(opt_d)
         loss_d = d_logistic_loss(disc(real_w), disc(fake_w))
         opt_d.zero_grad(set_to_none=True)
