@@ -135,6 +135,10 @@ def evaluate(trainer, model, datamodule, run_dir: Path) -> None:
     table.to_json(run_dir / "metrics" / "test.json")
     means = ", ".join(f"{k} {v:.4g}" for k, v in table.mean().items())
     print(f"Test ({len(table.rows)} images): {means}\nPer-image metrics: {run_dir / 'metrics' / 'test.csv'}")
+    summary = model.summary_markdown() if hasattr(model, "summary_markdown") else ""
+    if summary:
+        (run_dir / "metrics" / "summary.md").write_text(summary + "\n")
+        print(summary)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")

@@ -12,7 +12,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
@@ -163,3 +163,22 @@ class MetricTable:
                 "rows": [{k: clean(v) for k, v in r.items()} for r in self.rows]}
         path.write_text(json.dumps(data, indent=1))
         return path
+
+
+def method_comparison(means: Dict[str, float], methods: Dict[str, str], columns: Sequence[Tuple[str, str]],
+                      digits: int = 4) -> str:
+    """Markdown table comparing methods whose metrics share one table under different key prefixes.
+
+    Args:
+        means: {key: mean} (e.g. ``MetricTable.mean()``).
+        methods: {row label: key prefix} (e.g. {"stage 1 (e4e)": "stage1_", "stage 2": ""}).
+        columns: [(metric key without prefix, header)]; a column no method has is dropped, a missing cell is "–".
+    Returns:
+        The table as a string (header, separator, one row per method).
+    """
+    kept = [(k, h) for k, h in columns if any(p + k in means for p in methods.values())]
+    lines = ["| method | " + " | ".join(h for _, h in kept) + " |", "|---" * (len(kept) + 1) + "|"]
+    for label, prefix in methods.items():
+        cells = [f"{means[prefix + k]:.{digits}g}" if prefix + k in means else "–" for k, _ in kept]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -27,19 +27,27 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 
+from datamodules.ood_patches import paste_random_patches
+from lightning_modules.edit_metrics import attribute_change, ood_preservation
 from lightning_modules.gan_losses import d_logistic_loss, g_nonsaturating_loss
-from lightning_modules.metrics import MetricTable, image_metrics, mask_metrics
+from lightning_modules.metrics import MetricTable, image_metrics, mask_metrics, method_comparison
 from lightning_modules.perceptual import LPIPSLoss
 from lightning_modules.plain import to_plain
 from lightning_modules.stage1_module import batch_images
 from lightning_modules.steps import uncounted_step
 from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
 from networks.checkpoints import CheckpointError, load_generator
+from networks.editing import apply_interfacegan, load_direction
 from networks.encoder_checkpoints import load_e4e_checkpoint
 from networks.encoders import resize_to_encoder
 from networks.stylegan2 import Discriminator
 
 PRODUCED_BY = "stage2 AlignMaskModule"
+SUMMARY_COLUMNS = [("psnr", "PSNR"), ("ssim", "SSIM"), ("mse", "MSE"), ("psnr_in", "PSNR in OOD"),
+                   ("ssim_in", "SSIM in OOD"), ("psnr_out", "PSNR out"), ("ssim_out", "SSIM out"),
+                   ("iou@0.5", "mask IoU@0.5"), ("precision@0.5", "precision@0.5"), ("recall@0.5", "recall@0.5"),
+                   ("best_iou", "best IoU (swept)"), ("edit_success", "edit success"),
+                   ("edit_ood_psnr", "OOD PSNR under edit")]
 Tensor = torch.Tensor
 
 
@@ -60,6 +68,12 @@ class AlignMaskModule(pl.LightningModule):
         ema_decay: EMA of the trainable network (official 0.5 ** (32 / 10000)).
         discriminator: ``networks.stylegan2.Discriminator`` kwargs besides ``size``.
         n_grid: images in the validation grid.
+        train_patches: ``datamodules.ood_patches.paste_random_patches`` kwargs (``p``, ``max_patches``, ``area``)
+            applied to training images; ``p: 0`` (default, the official recipe) turns it off. Needed on data whose
+            training images hold no OOD content (SynthFaces), see that module.
+        edit: evaluation edit ``{direction: InterFaceGAN file, strength, attribute, classifier: SynthFaces
+            attribute classifier file}``; with a direction, test rows also score the edit (classifier success and
+            change, OOD preservation) for stage two and for stage one alone. null / no direction = no edit.
     """
 
     def __init__(self, encoder_checkpoint: str, generator_checkpoint: Optional[str] = None,
@@ -69,7 +83,8 @@ class AlignMaskModule(pl.LightningModule):
                  perceptual: float = 1.0, identity_weight: float = 0.0, adversarial: float = 0.5,
                  binarization: float = 0.04, area: float = 5.0, area_limits: Optional[Mapping] = None,
                  lpips: Optional[dict] = None, identity: Optional[dict] = None, ema_decay: float = 0.99778,
-                 discriminator: Optional[dict] = None, n_grid: int = 8):
+                 discriminator: Optional[dict] = None, n_grid: int = 8, train_patches: Optional[dict] = None,
+                 edit: Optional[dict] = None):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -106,6 +121,9 @@ class AlignMaskModule(pl.LightningModule):
         d_kwargs.setdefault("channel_multiplier", self.generator.config.get("channel_multiplier", 2))
         d_kwargs.setdefault("channel_max", self.generator.config.get("channel_max", 512))
         self.discriminator = Discriminator(size, **d_kwargs) if adversarial > 0 else None
+        self.train_patches = dict(to_plain(train_patches or {}))
+        self.train_patches.setdefault("p", 0.0)
+        self.edit = self._load_edit(dict(to_plain(edit or {})))  # a plain dict: the scorer stays out of checkpoints
         self.val_table, self.test_table = MetricTable(), MetricTable()
         self.grid_batch: Optional[Dict[str, Tensor]] = None
 
@@ -140,6 +158,14 @@ class AlignMaskModule(pl.LightningModule):
                 "encoder": dict(self.encoder.config), "module": to_plain(dict(self.hparams))}
         return save_align_mask(Path(run_dir) / "align_mask.pt", self.net_ema, to_plain(meta))
 
+    def summary_markdown(self) -> str:
+        """Markdown table of the test means: stage one alone vs stage two (empty before ``trainer.test``)."""
+        means = self.test_table.mean()
+        if not means:
+            return ""
+        return method_comparison(means, {"stage 1 (encoder only)": "stage1_", "stage 2 (align + mask blend)": ""},
+                                 SUMMARY_COLUMNS)
+
     # ------------------------------------------------------------------ Lightning hooks
     def configure_optimizers(self):
         betas = tuple(self.hparams.betas)
@@ -152,6 +178,8 @@ class AlignMaskModule(pl.LightningModule):
         self.generator.eval()
         self.encoder.eval()
         x = batch_images(batch)
+        if self.train_patches["p"] > 0:
+            x, _ = paste_random_patches(x, **self.train_patches)
         active = self.active_levels()
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
@@ -191,7 +219,7 @@ class AlignMaskModule(pl.LightningModule):
         self.test_table = MetricTable()
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.test_table)
+        self._evaluate(batch, batch_idx, self.test_table, with_edit=True)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict({f"test/{k}": float(v) for k, v in self.test_table.mean().items()}, sync_dist=True)
@@ -228,27 +256,60 @@ class AlignMaskModule(pl.LightningModule):
             b_ema.copy_(b)
 
     @torch.no_grad()
-    def _evaluate(self, batch, batch_idx: int, table: MetricTable) -> None:
+    def _evaluate(self, batch, batch_idx: int, table: MetricTable, with_edit: bool = False) -> None:
+        """Per-image rows: stage two (no prefix) and stage one alone (``stage1_``) against the input, in / out
+        of the ground-truth OOD mask when the batch has one, mask metrics, and the edit when configured."""
         x = batch_images(batch)
         gt = batch.get("ood_mask") if isinstance(batch, Mapping) else None
         target = batch["clean"] if isinstance(batch, Mapping) and "clean" in batch else x
-        out = self.run(x)
-        metrics = image_metrics(out.output, x, gt)  # reconstruction of the input, whole / in / out of the OOD area
-        metrics.update({f"clean_{k}": v for k, v in image_metrics(out.output, target, gt).items()
-                        if k in ("psnr", "ssim", "psnr_out")})
-        metrics[self.lpips.metric_name] = self.lpips(out.output, x)
+        codes, _ = self.encode(x)
+        out = self.run(x, codes=codes)
+        stage1 = self.generator.synthesize(codes).image
+        metrics: Dict[str, Tensor] = {}
+        for prefix, image in (("", out.output), ("stage1_", stage1)):
+            # reconstruction of the input, whole / in / out of the OOD area
+            metrics.update({prefix + k: v for k, v in image_metrics(image, x, gt).items()})
+            metrics.update({f"{prefix}clean_{k}": v for k, v in image_metrics(image, target, gt).items()
+                            if k in ("psnr", "ssim", "psnr_out")})
+            metrics[prefix + self.lpips.metric_name] = self.lpips(image, x)
         metrics["mask_mean"] = out.mask.mean(dim=(1, 2, 3))
         if gt is not None and gt.sum() > 0:
             metrics.update(mask_metrics(out.mask, gt))
+        rows = {"input": x, "stage1": stage1, "generated": out.generated, "mask": out.mask, "output": out.output}
+        if gt is not None:
+            rows["ood_mask"] = gt
+        if with_edit and self.edit is not None:
+            classifier = self.edit["classifier"].to(x.device)
+            edited_codes = apply_interfacegan(codes, self.edit["direction"].to(x.device), self.edit["strength"])
+            edited = self.run(x, codes=edited_codes).output  # alignment and blending against the input (official)
+            edited_stage1 = self.generator.synthesize(edited_codes).image
+            for prefix, before, after in (("", out.output, edited), ("stage1_", stage1, edited_stage1)):
+                score = attribute_change(classifier, before, after, self.edit["attribute"],
+                                         direction=self.edit["strength"])
+                metrics[f"{prefix}edit_success"], metrics[f"{prefix}edit_change"] = score["success"], score["change"]
+                if gt is not None and gt.sum() > 0:
+                    metrics[f"{prefix}edit_ood_psnr"] = ood_preservation(x, after, gt)
+            rows.update({"stage1_edit": edited_stage1, "edit": edited})
         names = list(batch["name"]) if isinstance(batch, Mapping) and "name" in batch else \
             [f"{batch_idx}_{i}" for i in range(x.shape[0])]
         table.add(names, metrics)
         if batch_idx == 0:
             n = self.hparams.n_grid
-            rows = {"input": x[:n], "generated": out.generated[:n], "mask": out.mask[:n], "output": out.output[:n]}
-            if gt is not None:
-                rows["ood_mask"] = gt[:n]
-            self.grid_batch = rows
+            self.grid_batch = {k: v[:n] for k, v in rows.items()}
+
+    def _load_edit(self, cfg: dict) -> Optional[dict]:
+        if not cfg.get("direction"):
+            return None
+        classifier_path = cfg.get("classifier")
+        if not classifier_path:
+            raise ValueError("model.edit.direction is set but model.edit.classifier is not: the edit is scored by the "
+                             "SynthFaces attribute classifier (experiments/weights/synthfaces/attribute_classifier.pt)")
+        from networks.synthfaces_nets import load_attribute_classifier
+
+        classifier = load_attribute_classifier(Path(classifier_path).expanduser()).eval().requires_grad_(False)
+        return {"direction": load_direction(Path(cfg["direction"]).expanduser(), dim=self.generator.style_dim),
+                "strength": float(cfg.get("strength", 3.0)), "attribute": str(cfg.get("attribute", "smile")),
+                "classifier": classifier}
 
     def _check_same_generator(self, path: Path) -> None:
         where = f"model.generator_checkpoint={path} and model.encoder_checkpoint={self.encoder_checkpoint}"

@@ -1,0 +1,59 @@
+"""Mask overlays: colours, PNG files, and W&B mask layers read back from an offline run."""
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from callbacks.mask_overlay import MaskOverlay, overlay
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_overlay_tints_prediction_red_and_truth_green():
+    images = torch.zeros(1, 3, 4, 4)
+    pred = torch.zeros(1, 1, 4, 4)
+    gt = torch.zeros(1, 1, 4, 4)
+    pred[..., 0, :] = 1
+    gt[..., :, 0] = 1
+    out = (overlay(images, pred, gt) + 1) / 2
+    r, g, b = out[0, :, 0, 1], out[0, :, 1, 0], out[0, :, 0, 0]
+    assert r[0] > r[1] and r[0] > r[2]          # prediction only: red
+    assert g[1] > g[0] and g[1] > g[2]          # truth only: green
+    assert b[0] > 0.4 and b[1] > 0.4 and b[2] < b[0]  # both: yellow (red + green)
+    torch.testing.assert_close(out[0, :, 3, 3], torch.full((3,), 0.5))  # untouched pixel
+
+
+class _Grid(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        mask, gt = torch.zeros(2, 1, 16, 16), torch.zeros(2, 1, 16, 16)
+        mask[0, :, 4:10, 4:10] = 0.9
+        mask[1, :, 2:5, 2:12] = 0.8
+        gt[0, :, 8:, :] = 1
+        gt[1, :, :, 8:] = 1
+        self.grid_batch = {"input": torch.rand(2, 3, 16, 16) * 2 - 1, "mask": mask, "ood_mask": gt}
+
+    def test_step(self, batch, batch_idx):
+        return None
+
+
+def test_callback_writes_png_and_wandb_mask_layers(tmp_path, monkeypatch):
+    from pytorch_lightning.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="test", save_dir=str(tmp_path), offline=True)
+    trainer = pl.Trainer(accelerator="cpu", logger=logger, callbacks=[MaskOverlay(run_dir=str(tmp_path))],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.test(_Grid(), torch.utils.data.DataLoader(torch.zeros(1, 1)), verbose=False)
+    run_dir = Path(logger.experiment.dir).parent
+    logger.experiment.finish()
+    png = tmp_path / "masks" / "test_step_000000.png"
+    assert Image.open(png).size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
+    layers = sorted((run_dir / "files" / "media" / "images" / "mask").rglob("*.mask.png"))
+    assert len(layers) == 4  # prediction + ground truth for each of the two images (distinct masks)
+    assert all(set(Image.open(f).getdata()) == {0, 1} for f in layers)
+    assert len(list((run_dir / "files" / "media" / "images" / "test").glob("masks_*.png"))) == 2
