@@ -35,7 +35,8 @@ def stack_rows(rows: Dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class ReconstructionGrid(pl.Callback):
-    """Saves ``pl_module.grid_batch`` after validation to ``run_dir/reconstructions/step_XXXXXX.png`` and to
+    """Saves ``pl_module.grid_batch`` after validation to ``run_dir/reconstructions/step_XXXXXX.png`` (after
+    testing: ``test_step_XXXXXX.png``, W&B key ``test/...``) and to
     every logger with ``log_image`` (W&B) under ``key``; rank zero only. Args: run_dir (default
     ``trainer.default_root_dir``), key. Does nothing while the module has no ``grid_batch``.
     """
@@ -45,16 +46,23 @@ class ReconstructionGrid(pl.Callback):
         self.run_dir, self.key = run_dir, key
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._save(trainer, pl_module, "step", self.key)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer, pl_module, "test_step", self.key.replace("val/", "test/"))
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str, key: str) -> None:
         rows = getattr(pl_module, "grid_batch", None)
-        if not rows or not trainer.is_global_zero or trainer.sanity_checking:
+        if not rows or not trainer.is_global_zero:
             return
         images = stack_rows(rows)
         n = next(iter(rows.values())).shape[0]
         picture = grid_to_pil(make_grid(images, nrow=n))
         step = trainer.global_step
         run_dir = Path(self.run_dir or trainer.default_root_dir)
-        _save_png(picture, run_dir / "reconstructions" / f"step_{step:06d}.png")
+        _save_png(picture, run_dir / "reconstructions" / f"{prefix}_{step:06d}.png")
         caption = " / ".join(rows)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key=self.key, images=[picture], step=step, caption=[f"{caption} (rows), step {step}"])
+                logger.log_image(key=key, images=[picture], step=step, caption=[f"{caption} (rows), step {step}"])

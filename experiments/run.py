@@ -51,6 +51,7 @@ from experiments.utils import (  # noqa: E402
 from experiments.utils.cli import available_exps, check_command_line  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+MODES = ("train", "evaluate", "invert")
 log = get_logger(__name__)
 
 
@@ -94,9 +95,15 @@ def train(cfg: DictConfig) -> Path | None:
 
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
+    mode = cfg.get("mode") or "train"
+    if mode not in MODES:
+        raise UserError(f"mode={mode} is not a mode; choose one of {', '.join(MODES)}.")
     # Build everything before touching the run directory: a bad setting fails without side effects.
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = invert_datamodule(cfg) if mode == "invert" else hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
+    if mode == "invert" and getattr(model, "writer", None) is None:
+        raise UserError(f"mode=invert runs a stage-3 experiment (+exp=dhr, pti, feature_only, ...); "
+                        f"{type(model).__name__} does not write inversions.")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -111,6 +118,11 @@ def train(cfg: DictConfig) -> Path | None:
     if ckpt_path:
         log.info(f"Starting from checkpoint {ckpt_path}")
 
+    if mode == "evaluate":  # stage 3 (nothing to train) or a trained stage re-tested
+        evaluate(trainer, model, datamodule, run_dir)
+        return None
+    if mode == "invert":
+        return invert(trainer, model, datamodule)
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     if trainer.interrupted:
         log.warning(f"Training was interrupted; continue with: resume=true paths.run_dir={run_dir}")
@@ -122,6 +134,33 @@ def train(cfg: DictConfig) -> Path | None:
     if cfg.get("evaluate"):  # every rank takes part in trainer.test
         evaluate(trainer, model, datamodule, run_dir)
     return path
+
+
+def invert_datamodule(cfg: DictConfig):
+    """`mode=invert`: a FolderDataModule over `input` (every PNG / JPEG / WebP image; FFHQ-aligned first with
+    `align=true`), at the generator's size."""
+    if not cfg.get("input"):
+        raise UserError("mode=invert needs input=DIR: a folder of PNG / JPEG images (add align=true to align faces).")
+    if not Path(cfg.input).expanduser().is_dir():
+        raise UserError(f"input={cfg.input}: no such folder.")
+    spec = OmegaConf.load(CONFIG_DIR / "data" / "folder.yaml")
+    spec.root, spec.align, spec.resolution = str(Path(cfg.input).expanduser()), bool(cfg.get("align")), cfg.generator.size
+    spec.batch_size, spec.num_workers = cfg.data.batch_size, min(int(cfg.data.get("num_workers", 0)), 2)
+    return hydra.utils.instantiate(spec)
+
+
+def invert(trainer, model, datamodule) -> Path:
+    """`trainer.predict` writes every unfinished image's folder; rank zero prints the manifest's counts."""
+    trainer.predict(model, datamodule=datamodule, return_predictions=False)
+    out = model.writer.out_dir
+    if trainer.is_global_zero:
+        manifest = model.writer.write_manifest()
+        records = model.writer.records()
+        failed = [r for r in records if r["status"] != "ok"]
+        print(f"Inverted {len(records) - len(failed)} image(s) into {out} (manifest: {manifest})")
+        for r in failed:
+            print(f"  failed: {r['name']}: {r['reason']}")
+    return out / "manifest.json"
 
 
 def evaluate(trainer, model, datamodule, run_dir: Path) -> None:

@@ -38,6 +38,11 @@ def torchvision_key_map(pretrained_net: nn.Module) -> Dict[str, str]:
     return mapping
 
 
+def _upsample(t: Tensor) -> Tensor:
+    # AlexNet's strided stem and pools leave nothing of images under 32 px: compare them upsampled.
+    return F.interpolate(t, size=(MIN_SIZE, MIN_SIZE), mode="bilinear", align_corners=False)
+
+
 class LPIPSLoss(nn.Module):
     """Per-image LPIPS distance, optionally averaged inside a mask (DHR's masked LPIPS).
 
@@ -111,6 +116,20 @@ class LPIPSLoss(nn.Module):
         super().train(False)
         return self
 
+    def spatial_map(self, x: Tensor, y: Tensor) -> Tensor:
+        """Per-pixel LPIPS (B, 1, H, W) of images (B, 3, H, W): the sum over layers of each layer's distance map,
+        upsampled to the input size (lpips ``spatial=True``); DHR's error map. Its spatial mean is LPIPS."""
+        size = x.shape[-2:]
+        small = min(size) < MIN_SIZE
+        if small:
+            x, y = (_upsample(t) for t in (x, y))
+        self.net.spatial = True
+        try:
+            dist = self.net(x, y)
+        finally:
+            self.net.spatial = False
+        return F.interpolate(dist, size=size, mode="bilinear", align_corners=False) if small else dist
+
     def forward(self, x: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Images x, y (B, 3, H, W) in [-1, 1], optional mask (B or 1, 1, H, W) in [0, 1] -> distances (B,)."""
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
@@ -118,17 +137,10 @@ class LPIPSLoss(nn.Module):
         if mask is not None and (mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, x.shape[0])
                                  or mask.shape[-2:] != x.shape[-2:]):
             raise ValueError(f"LPIPSLoss: mask {tuple(mask.shape)} must be (B, 1, H, W) for images {tuple(x.shape)}")
-        if min(x.shape[-2:]) < MIN_SIZE:
-            # AlexNet's strided stem and pools leave nothing of images under 32 px: compare them upsampled.
-            x, y = (F.interpolate(t, size=(MIN_SIZE, MIN_SIZE), mode="bilinear", align_corners=False) for t in (x, y))
-            if mask is not None:
-                mask = F.interpolate(mask.float(), size=(MIN_SIZE, MIN_SIZE), mode="nearest")
         if mask is None:
+            if min(x.shape[-2:]) < MIN_SIZE:
+                x, y = (_upsample(t) for t in (x, y))
             return self.net(x, y).reshape(x.shape[0])
-        self.net.spatial = True
-        try:
-            dist = self.net(x, y)  # (B, 1, H, W)
-        finally:
-            self.net.spatial = False
+        dist = self.spatial_map(x, y)  # (B, 1, H, W) at the input size
         mask = mask.to(dist.dtype)
         return (dist * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1e-8)

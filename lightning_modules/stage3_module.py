@@ -1,0 +1,421 @@
+"""Stage 3: Domain-Specific Hybrid Refinement (DHR, WACV 2024) and the baselines, as one LightningModule.
+
+Nothing is trained: each batch is inverted by a per-image test-time procedure chosen by ``method``, run by
+``trainer.test`` (metrics against the input, in / out of the ground-truth OOD mask, edits) or
+``trainer.predict`` (``mode=invert``: per-image files through ``lightning_modules.inversion_writer``).
+Gradients are switched on inside the steps, whatever the trainer's inference mode.
+
+Methods (all start from the stage-1 encoder's W+ code, GANInverter's "embedding" stage):
+
+============  ======================================================================================
+e4e           no refinement: G(codes)
+pti           weight modulation on the whole image (PTI on the encoder code, GANInverter's variant)
+feature_only  feature modulation of one generator feature map on the whole image
+ood_blend     stage two alone: alignment + invertibility-mask blend (needs ``align_mask_checkpoint``)
+dhr           domain-specific segmentation, then weights on the in-domain part, feature on the rest
+============  ======================================================================================
+
+Segmentation (``segmentation.source``): ``error_superpixels`` = the official DSS (a coarse W projection, its
+per-pixel LPIPS error, SLIC superpixels, per-region thresholds by face-parser class, parser classes that are
+always OOD); ``align_mask`` = the stage-2 invertibility mask (no parser needed); ``both`` = in-domain only where
+both agree.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from lightning_modules.edit_metrics import attribute_change, ood_preservation
+from lightning_modules.inversion_writer import InversionWriter
+from lightning_modules.metrics import MetricTable, image_metrics, mask_metrics, method_comparison
+from lightning_modules.perceptual import LPIPSLoss
+from lightning_modules.plain import to_plain
+from lightning_modules.projection import project
+from lightning_modules.stage1_module import batch_images
+from networks.align_mask import load_align_mask
+from networks.checkpoints import CheckpointError
+from networks.domain_segmentation import (SEGMENTATION_SOURCES, align_mask_in_domain, combine_sources,
+                                          error_superpixel_mask, superpixels)
+from networks.editing import apply_ganspace, apply_interfacegan, load_direction, load_ganspace
+from networks.encoder_checkpoints import load_e4e_checkpoint
+from networks.encoders import resize_to_encoder
+from networks.hybrid_refine import WEIGHT_FORMATS, RefineConfig, RefineState, decode, hybrid_refine, state_for_image
+
+Tensor = torch.Tensor
+METHODS = ("e4e", "pti", "feature_only", "ood_blend", "dhr")
+SUMMARY_COLUMNS = [("psnr", "PSNR"), ("ssim", "SSIM"), ("mse", "MSE"), ("psnr_in", "PSNR in OOD"),
+                   ("mse_in", "MSE in OOD"), ("psnr_out", "PSNR out"), ("mse_out", "MSE out"),
+                   ("iou@0.5", "mask IoU@0.5"), ("edit_success", "edit success"),
+                   ("edit_ood_psnr", "OOD PSNR under edit"), ("seconds", "s / image")]
+SEGMENTATION_DEFAULTS: Dict[str, Any] = {
+    "source": "error_superpixels",
+    "coarse": {"steps": 40, "lr": 0.1},               # official: W only, 40 steps, LPIPS, noise optimised
+    "superpixels": {"n_segments": 200, "compactness": 30.0, "sigma": 1.0},
+    "parser": None,                                    # SynthFaces face_parser.pt; null = no parsing
+    "classes": None,                                   # parser class names in index order (null: SynthFaces parts)
+    "thresholds": {},                                  # {class name: threshold}
+    "default_threshold": 0.6,
+    "ood_classes": [],                                 # parser classes that are always OOD
+    "align_threshold": 0.5,
+}
+
+
+def _merge(defaults: Mapping, given: Optional[Mapping]) -> Dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in defaults.items()}
+    for k, v in dict(to_plain(given or {})).items():
+        out[k] = {**out[k], **v} if isinstance(out.get(k), dict) and isinstance(v, Mapping) else v
+    return out
+
+
+class RefineModule(pl.LightningModule):
+    """Per-image inversion + refinement of stage 3 (see the module docstring for the methods).
+
+    Args:
+        encoder_checkpoint: stage-1 hand-off (e4e layout: encoder, generator, latent_avg).
+        method: one of ``METHODS``.
+        align_mask_checkpoint: stage-2 hand-off ``align_mask.pt``; required by ``ood_blend`` and by the
+            ``align_mask`` / ``both`` segmentation sources. Its generator must be the one in the stage-1 file.
+        refine: ``networks.hybrid_refine.RefineConfig`` kwargs of DHR (official: weights 50 steps at 1.5e-3,
+            feature 100 steps at 9e-2, feature at G.size // 8).
+        pti: {steps, lr} of the weights-only baseline (official PTI: 350 steps, 3e-4).
+        feature_only: {steps, lr} of the feature-only baseline (default: DHR's feature settings).
+        segmentation: see ``SEGMENTATION_DEFAULTS``.
+        lpips: ``LPIPSLoss`` kwargs (refinement losses, error maps, metric).
+        edit: evaluation edit {direction, strength, attribute, classifier} as in stage 2 (null = none).
+        edits: ``mode=invert`` edits written per image: ``[{name, kind: interfacegan, path, strengths, layers}]``
+            or ``[{name, kind: ganspace, path, component, start, end, strengths}]``.
+        output_dir: where ``trainer.predict`` writes per-image results (``InversionWriter``); reruns skip
+            finished images.
+        masks_dir: optional ground-truth OOD masks for ``mode=invert`` (``<masks_dir>/<name>.png``, white = OOD):
+            per-image metrics are written when one exists.
+        save_weights: tuned weights in each ``refine_state.pt``: delta_bf16 (default) | full | none.
+        n_grid: images in the grid of the first test batch.
+        seed: seed of the coarse projection (image b of a batch uses seed + b).
+    """
+
+    def __init__(self, encoder_checkpoint: str, method: str = "dhr", align_mask_checkpoint: Optional[str] = None,
+                 refine: Optional[dict] = None, pti: Optional[dict] = None, feature_only: Optional[dict] = None,
+                 segmentation: Optional[dict] = None, lpips: Optional[dict] = None, edit: Optional[dict] = None,
+                 edits: Optional[list] = None, output_dir: Optional[str] = None, masks_dir: Optional[str] = None,
+                 save_weights: str = "delta_bf16", n_grid: int = 8, seed: int = 0):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"model.method={method!r} is not a stage-3 method; choose one of {', '.join(METHODS)}")
+        self.save_hyperparameters()
+        self.method = method
+        self.encoder_checkpoint = str(encoder_checkpoint)
+        loaded = load_e4e_checkpoint(Path(self.encoder_checkpoint).expanduser())
+        self.encoder, self.generator = loaded.encoder.eval(), loaded.generator.eval()
+        self.encoder.requires_grad_(False)
+        self.generator.requires_grad_(False)
+        self.register_buffer("latent_avg", loaded.latent_avg.float().clone())
+        self.segmentation = _merge(SEGMENTATION_DEFAULTS, segmentation)
+        if self.segmentation["source"] not in SEGMENTATION_SOURCES:
+            raise ValueError(f"model.segmentation.source={self.segmentation['source']!r}; choose one of "
+                             f"{', '.join(SEGMENTATION_SOURCES)}")
+        self.refine_config = self._refine_config(dict(to_plain(refine or {})), dict(to_plain(pti or {})),
+                                                 dict(to_plain(feature_only or {})))
+        self.align_net = self._load_align_net(align_mask_checkpoint) if self._needs_align_mask() else None
+        self.parser, self.class_ids = self._load_parser() if self._needs_error_map() else (None, {})
+        self.lpips = LPIPSLoss(**to_plain(lpips or {}))
+        self.edit = self._load_edit(dict(to_plain(edit or {})))  # a plain dict: the scorer stays out of checkpoints
+        self.edits = [self._load_output_edit(dict(e)) for e in to_plain(edits or [])]
+        if save_weights not in WEIGHT_FORMATS:
+            raise ValueError(f"model.save_weights={save_weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+        self.writer = InversionWriter(output_dir) if output_dir else None
+        self.test_table = MetricTable()
+        self.grid_batch: Optional[Dict[str, Tensor]] = None
+        self.failed: List[str] = []
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _refine_config(self, refine: dict, pti: dict, feature_only: dict) -> Optional[RefineConfig]:
+        base = RefineConfig(**refine)
+        if self.method == "pti":
+            return RefineConfig(weight_steps=int(pti.get("steps", 350)), weight_lr=float(pti.get("lr", 3e-4)),
+                                feature_steps=0, feature_resolution=base.feature_resolution, l2=base.l2,
+                                perceptual=base.perceptual)
+        if self.method == "feature_only":
+            return RefineConfig(weight_steps=0, feature_steps=int(feature_only.get("steps", base.feature_steps)),
+                                feature_lr=float(feature_only.get("lr", base.feature_lr)),
+                                feature_resolution=feature_only.get("resolution", base.feature_resolution),
+                                l2=base.l2, perceptual=base.perceptual)
+        return base if self.method == "dhr" else None
+
+    def _needs_align_mask(self) -> bool:
+        return self.method == "ood_blend" or (self.method == "dhr" and self.segmentation["source"] != "error_superpixels")
+
+    def _needs_error_map(self) -> bool:
+        return self.method == "dhr" and self.segmentation["source"] != "align_mask"
+
+    def _load_align_net(self, path: Optional[str]):
+        if not path:
+            raise ValueError(f"model.method={self.method} with model.segmentation.source="
+                             f"{self.segmentation['source']} needs model.align_mask_checkpoint (a stage-2 "
+                             f"align_mask.pt, e.g. from +exp=ood_blend)")
+        net, meta = load_align_mask(path)
+        theirs = meta.get("generator")
+        if theirs is not None and dict(theirs) != dict(self.generator.config):
+            raise CheckpointError(f"model.align_mask_checkpoint={path} was trained for generator {dict(theirs)}, but "
+                                  f"model.encoder_checkpoint={self.encoder_checkpoint} holds {dict(self.generator.config)}")
+        return net.requires_grad_(False)
+
+    def _load_parser(self):
+        path = self.segmentation["parser"]
+        if not path:
+            return None, {}
+        from datamodules.synthfaces.parts import PART_INDEX
+        from networks.synthfaces_nets import load_face_parser
+
+        parser = load_face_parser(Path(path).expanduser()).requires_grad_(False)
+        names = self.segmentation["classes"] or sorted(PART_INDEX, key=PART_INDEX.get)
+        class_ids = {str(n): i for i, n in enumerate(names)}
+        wanted = set(self.segmentation["thresholds"]) | set(self.segmentation["ood_classes"])
+        unknown = sorted(wanted - set(class_ids))
+        if unknown:
+            raise ValueError(f"model.segmentation: unknown parser classes {unknown}; the parser {path} has "
+                             f"{', '.join(class_ids)}")
+        return parser, class_ids
+
+    def _load_edit(self, cfg: dict) -> Optional[dict]:
+        if not cfg.get("direction"):
+            return None
+        if not cfg.get("classifier"):
+            raise ValueError("model.edit.direction is set but model.edit.classifier is not: the edit is scored by the "
+                             "SynthFaces attribute classifier (experiments/weights/synthfaces/attribute_classifier.pt)")
+        from networks.synthfaces_nets import load_attribute_classifier
+
+        classifier = load_attribute_classifier(Path(cfg["classifier"]).expanduser()).eval().requires_grad_(False)
+        return {"direction": load_direction(Path(cfg["direction"]).expanduser(), dim=self.generator.style_dim),
+                "strength": float(cfg.get("strength", 3.0)), "attribute": str(cfg.get("attribute", "smile")),
+                "classifier": classifier}
+
+    def _load_output_edit(self, spec: dict) -> dict:
+        kind, name = spec.get("kind", "interfacegan"), spec.get("name")
+        if not name or not spec.get("path") or kind not in ("interfacegan", "ganspace"):
+            raise ValueError(f"model.edits entry {spec}: needs name, path and kind interfacegan | ganspace")
+        strengths = [float(v) for v in spec.get("strengths", [-3.0, 3.0])]
+        if kind == "interfacegan":
+            return {"name": name, "kind": kind, "strengths": strengths, "layers": spec.get("layers"),
+                    "direction": load_direction(Path(spec["path"]).expanduser(), dim=self.generator.style_dim)}
+        for key in ("component", "start", "end"):
+            if key not in spec:
+                raise ValueError(f"model.edits entry {name!r} (ganspace) needs {key}")
+        return {"name": name, "kind": kind, "strengths": strengths, "pca": load_ganspace(Path(spec["path"]).expanduser()),
+                "component": int(spec["component"]), "start": int(spec["start"]), "end": int(spec["end"])}
+
+    def edited_codes(self, codes: Tensor) -> Dict[str, Tensor]:
+        """Every configured output edit of codes (B, L, D): {"<edit>_<strength>": (B, L, D)}."""
+        out = {}
+        for e in self.edits:
+            for k in e["strengths"]:
+                if e["kind"] == "interfacegan":
+                    out[f"{e['name']}_{k:+g}"] = apply_interfacegan(codes, e["direction"].to(codes.device), k, e["layers"])
+                else:
+                    out[f"{e['name']}_{k:+g}"] = apply_ganspace(codes, e["pca"].to(codes.device), e["component"],
+                                                               e["start"], e["end"], k)
+        return out
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def encode(self, images: Tensor):
+        """Images (B, 3, S, S) -> (W+ codes (B, L, D) with latent_avg, encoder taps {"f0".."f4"})."""
+        codes, taps = self.encoder.forward_features(resize_to_encoder(images, int(self.encoder.config["input_size"])))
+        return codes + self.latent_avg.unsqueeze(0), taps
+
+    def segment(self, images: Tensor, codes: Tensor, taps: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Domain-specific segmentation of images (B, 3, S, S): {"in_domain" (B, 1, S, S) in {0, 1}, plus the
+        sources used: "error_map", "error_in_domain", "align_mask" (1 = OOD)}."""
+        seg, out = self.segmentation, {}
+        error_in = align_in = None
+        if seg["source"] != "align_mask":
+            coarse = project(self.generator, images, perceptual=self.lpips, latent_avg=self.latent_avg[0], space="w",
+                             steps=int(seg["coarse"]["steps"]), lr=float(seg["coarse"]["lr"]), seed=self.hparams.seed)
+            with torch.no_grad():
+                error = self.lpips.spatial_map(coarse.images, images)
+                labels = superpixels(images, **seg["superpixels"])
+                probs = torch.softmax(self.parser(images), 1) if self.parser is not None else None
+            thresholds = {self.class_ids[k]: float(v) for k, v in seg["thresholds"].items()}
+            error_in = error_superpixel_mask(error, labels, probs, thresholds, float(seg["default_threshold"]),
+                                             [self.class_ids[c] for c in seg["ood_classes"]])
+            out.update(error_map=error, error_in_domain=error_in)
+        if seg["source"] != "error_superpixels":
+            with torch.no_grad():
+                mask = self.align_net(self.generator, codes, taps, images).mask
+            align_in = align_mask_in_domain(mask, float(seg["align_threshold"]))
+            out["align_mask"] = mask
+        out["in_domain"] = combine_sources(seg["source"], error_in, align_in)
+        return out
+
+    def invert(self, images: Tensor) -> Dict[str, Any]:
+        """Invert (and refine) images (B, 3, S, S) in [-1, 1] with ``method``; needs autograd enabled.
+
+        Returns {"output" (B, 3, S, S), "codes" (B, L, D), "taps", "ood_mask" (B, 1, S, S) 1 = OOD or None,
+        "state" RefineState or None, "segmentation" dict}.
+        """
+        codes, taps = self.encode(images)
+        result: Dict[str, Any] = {"codes": codes, "taps": taps, "ood_mask": None, "state": None, "segmentation": {}}
+        if self.method == "e4e":
+            with torch.no_grad():
+                result["output"] = self.generator.synthesize(codes).image
+        elif self.method == "ood_blend":
+            with torch.no_grad():
+                blended = self.align_net(self.generator, codes, taps, images)
+            result.update(output=blended.output, ood_mask=blended.mask)
+        else:
+            b, _, s, _ = images.shape
+            if self.method == "pti":
+                in_domain = images.new_ones(b, 1, s, s)
+            elif self.method == "feature_only":
+                in_domain = images.new_zeros(b, 1, s, s)
+            else:
+                result["segmentation"] = self.segment(images, codes, taps)
+                in_domain = result["segmentation"]["in_domain"]
+                result["ood_mask"] = 1 - in_domain
+            state = hybrid_refine(self.generator, codes, images, in_domain, self.lpips, self.refine_config)
+            with torch.no_grad():
+                result["output"] = decode(self.generator, state, codes)
+            result["state"] = state
+        return result
+
+    @torch.no_grad()
+    def render_edit(self, result: Mapping[str, Any], images: Tensor, edited_codes: Tensor) -> Tensor:
+        """Decode edited codes (B, L, D) the way ``method`` decodes: tuned weights, f* and mask for the refinements
+        (OOD content frozen at the feature level), alignment + blend against the input for ``ood_blend``."""
+        if self.method == "e4e":
+            return self.generator.synthesize(edited_codes).image
+        if self.method == "ood_blend":
+            return self.align_net(self.generator, edited_codes, result["taps"], images).output
+        return decode(self.generator, result["state"], edited_codes)
+
+    def summary_markdown(self) -> str:
+        """One-row Markdown table of the test means (the benchmark stacks the rows of all methods)."""
+        means = self.test_table.mean()
+        return method_comparison(means, {self.method: ""}, SUMMARY_COLUMNS) if means else ""
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def configure_optimizers(self):
+        return None  # per-image optimisers live inside networks.hybrid_refine / lightning_modules.projection
+
+    def on_test_epoch_start(self) -> None:
+        self.test_table, self.failed = MetricTable(), []
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        with torch.inference_mode(False), torch.enable_grad():
+            x = batch_images(batch).clone()
+            gt = batch.get("ood_mask") if isinstance(batch, Mapping) else None
+            gt = gt.clone() if gt is not None else None
+            start = time.perf_counter()
+            result = self.invert(x)
+            seconds = (time.perf_counter() - start) / x.shape[0]
+            self._score(batch, batch_idx, x, gt, result, seconds)
+
+    def on_test_epoch_end(self) -> None:
+        means = self.test_table.mean()
+        self.log_dict({f"test/{k}": float(v) for k, v in means.items()}, sync_dist=True)
+
+    def predict_step(self, batch, batch_idx: int) -> None:
+        """``mode=invert``: invert, refine and edit the unfinished images of the batch; write their folders."""
+        if self.writer is None:
+            raise ValueError("RefineModule.predict_step needs model.output_dir (run.py sets it from output=DIR)")
+        names = list(batch["name"])
+        todo = [i for i, n in enumerate(names) if not self.writer.is_done(n)]
+        if not todo:
+            return
+        with torch.inference_mode(False), torch.enable_grad():
+            x = batch["image"][todo].clone()
+            finite = torch.isfinite(x).flatten(1).all(1)
+            for i in torch.nonzero(~finite).flatten().tolist():
+                self.writer.write(names[todo[i]], {}, {}, x.new_zeros(0), None, status="failed",
+                                  reason="the image holds NaN or inf values", extra={"method": self.method})
+            keep = [todo[i] for i in torch.nonzero(finite).flatten().tolist()]
+            if not keep:
+                return
+            x = batch["image"][keep].clone()
+            start = time.perf_counter()
+            result = self.invert(x)
+            seconds = (time.perf_counter() - start) / x.shape[0]
+            edits = {k: self.render_edit(result, x, c) for k, c in self.edited_codes(result["codes"]).items()}
+        state: Optional[RefineState] = result["state"]
+        for j, i in enumerate(keep):
+            name = names[i]
+            failed = bool(state is not None and state.failed[j])
+            images = {"input": x[j], "reconstruction": result["output"][j]}
+            if result["ood_mask"] is not None:
+                images["ood_mask"] = result["ood_mask"][j]
+            metrics = self._gt_metrics(name, x[j:j + 1], result["output"][j:j + 1], result["ood_mask"], j)
+            extra = {"method": self.method, "seconds": seconds, "encoder_checkpoint": self.encoder_checkpoint}
+            if failed:
+                self.writer.write(name, {}, {}, result["codes"][j], None, status="failed", extra=extra,
+                                  reason="the refinement loss became NaN / inf; the image was stopped")
+                continue
+            saved = None
+            if state is not None:
+                saved = state_for_image(state, j, self.generator, weights=self.hparams.save_weights)
+                saved["codes"] = result["codes"][j].detach().cpu().clone()
+            self.writer.write(name, images, {k: v[j] for k, v in edits.items()}, result["codes"][j], saved,
+                              metrics=metrics, extra=extra)
+
+    def on_predict_epoch_end(self) -> None:
+        if self.writer is not None and self.trainer.is_global_zero:
+            self.writer.write_manifest()
+
+    def _gt_metrics(self, name: str, x: Tensor, out: Tensor, ood_mask: Optional[Tensor], j: int):
+        if not self.hparams.masks_dir:
+            return None
+        path = Path(self.hparams.masks_dir).expanduser() / f"{name}.png"
+        if not path.is_file():
+            return None
+        from PIL import Image
+
+        with Image.open(path) as im:
+            gt = torch.from_numpy(np.asarray(im.convert("L").resize(x.shape[-2:][::-1], Image.NEAREST)) >= 128)
+        gt = gt.float().view(1, 1, *x.shape[-2:]).to(x.device)
+        metrics = {k: float(v[0]) for k, v in image_metrics(out, x, gt).items()}
+        if ood_mask is not None:
+            metrics.update({k: float(v[0]) for k, v in mask_metrics(ood_mask[j:j + 1], gt).items()})
+        return metrics
+
+    # ------------------------------------------------------------------ internals
+    @torch.no_grad()
+    def _score(self, batch, batch_idx: int, x: Tensor, gt: Optional[Tensor], result: Mapping[str, Any],
+               seconds: float) -> None:
+        out = result["output"]
+        names = list(batch["name"]) if isinstance(batch, Mapping) and "name" in batch else \
+            [f"{batch_idx}_{i}" for i in range(x.shape[0])]
+        metrics = image_metrics(out, x, gt)
+        metrics[self.lpips.metric_name] = self.lpips(out, x)
+        metrics["seconds"] = torch.full((x.shape[0],), seconds)
+        state: Optional[RefineState] = result["state"]
+        failed = state.failed.cpu() if state is not None else torch.zeros(x.shape[0], dtype=torch.bool)
+        metrics["failed"] = failed.float()
+        if result["ood_mask"] is not None:
+            metrics["mask_mean"] = result["ood_mask"].mean(dim=(1, 2, 3))
+            if gt is not None and gt.sum() > 0:
+                metrics.update(mask_metrics(result["ood_mask"], gt))
+        rows = {"input": x, "output": out}
+        if result["ood_mask"] is not None:
+            rows["mask"] = result["ood_mask"]
+        if gt is not None:
+            rows["ood_mask"] = gt
+        if self.edit is not None:
+            edited_codes = apply_interfacegan(result["codes"], self.edit["direction"].to(x.device), self.edit["strength"])
+            edited = self.render_edit(result, x, edited_codes)
+            score = attribute_change(self.edit["classifier"].to(x.device), out, edited, self.edit["attribute"],
+                                     direction=self.edit["strength"])
+            metrics["edit_success"], metrics["edit_change"] = score["success"], score["change"]
+            if gt is not None and gt.sum() > 0:
+                metrics["edit_ood_psnr"] = ood_preservation(x, edited, gt)
+            rows["edit"] = edited
+        for key, value in metrics.items():  # a failed image reports NaN, not a number from a diverged state
+            if key not in ("failed", "seconds") and value.dtype.is_floating_point:
+                metrics[key] = torch.where(failed.to(value.device), torch.full_like(value, float("nan")), value)
+        self.failed += [n for n, f in zip(names, failed.tolist()) if f]
+        self.test_table.add(names, metrics)
+        if batch_idx == 0:
+            n = self.hparams.n_grid
+            self.grid_batch = {k: v[:n].detach() for k, v in rows.items()}

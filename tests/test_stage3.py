@@ -1,0 +1,161 @@
+"""Stage 3 (DHR and its baselines) LightningModule: methods, metrics, edits, mode=invert files and resume."""
+import json
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from lightning_modules.inversion_writer import InversionWriter
+from lightning_modules.stage3_module import METHODS, RefineModule
+from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
+from networks.checkpoints import CheckpointError
+from networks.editing import save_direction
+from networks.encoder_checkpoints import export_e4e_checkpoint
+from networks.encoders import build_encoder
+from networks.hybrid_refine import decode, state_from_images
+from networks.stylegan2 import Generator
+from networks.synthfaces_nets import AttributeClassifier, FaceParser, save_aux_net
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+G_CFG = dict(size=64, style_dim=32, n_mlp=2, channel_multiplier=1, channel_max=32)
+FAST = dict(refine=dict(weight_steps=2, feature_steps=3, feature_resolution=16), pti=dict(steps=2),
+            feature_only=dict(steps=3), lpips=dict(allow_random_backbone=True))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("stage3")
+    g = Generator(**G_CFG)
+    enc = build_encoder("e4e", n_styles=g.n_latent, style_dim=32, input_size=64, width=0.25, units=[1, 1, 1, 1])
+    latent_avg = g.mean_latent(256, seed=0).reshape(1, -1).repeat(g.n_latent, 1)
+    encoder = export_e4e_checkpoint(root / "encoder.pt", enc, g, latent_avg)
+    net = AlignMaskNet(dict(g.channels), dict(enc.feature_channels), default_levels(64), 64)
+    align = save_align_mask(root / "align_mask.pt", net, {"generator": dict(g.config)})
+    other = Generator(**dict(G_CFG, channel_max=16))
+    foreign = save_align_mask(root / "foreign.pt", net, {"generator": dict(other.config)})
+    parser = save_aux_net(root / "parser.pt", FaceParser(resolution=64, widths=(4, 4, 4, 4)))
+    classifier = save_aux_net(root / "classifier.pt", AttributeClassifier(resolution=64, widths=(4, 8, 8, 8),
+                                                                          feature_dim=8))
+    direction = save_direction(root / "smile.pt", torch.randn(1, 32))
+    return dict(encoder=str(encoder), align=str(align), foreign=str(foreign), parser=str(parser),
+                classifier=str(classifier), direction=str(direction), root=root)
+
+
+def make_module(files, method="dhr", **kwargs):
+    pl.seed_everything(0, verbose=False)
+    opts = dict(FAST, encoder_checkpoint=files["encoder"], method=method, align_mask_checkpoint=files["align"],
+                segmentation=dict(source="both", parser=files["parser"], coarse=dict(steps=2),
+                                  superpixels=dict(n_segments=20), thresholds={"skin": 0.07},
+                                  ood_classes=["background"]),
+                edit=dict(direction=files["direction"], classifier=files["classifier"], strength=2.0), n_grid=2)
+    opts.update(kwargs)
+    return RefineModule(**opts)
+
+
+def batch(n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 64, 64, generator=g) * 2 - 1
+    gt = torch.zeros(n, 1, 64, 64)
+    gt[:, :, 40:, 10:40] = 1
+    return [{"image": x[i], "clean": x[i], "ood_mask": gt[i], "name": f"img{i}"} for i in range(n)]
+
+
+def make_tester(tmp_path, **kwargs):
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=str(tmp_path), **kwargs)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_is_tested_with_metrics_masks_and_edits(files, tmp_path, method):
+    module = make_module(files, method)
+    make_tester(tmp_path).test(module, DataLoader(batch(), batch_size=2), verbose=False)
+    row = module.test_table.rows[0]
+    assert row["name"] == "img0" and row["failed"] == 0.0 and row["seconds"] > 0
+    assert {"psnr", "ssim", "mse", "psnr_in", "mse_in", "psnr_out", "lpips-random", "edit_success",
+            "edit_ood_psnr"} <= set(row)
+    assert ("iou@0.5" in row) == (method in ("dhr", "ood_blend"))
+    assert module.summary_markdown().splitlines()[2].startswith(f"| {method} |")
+    assert module.grid_batch["output"].shape == (2, 3, 64, 64)
+
+
+def test_refinement_beats_the_encoder_alone(files):
+    x = torch.stack([b["image"] for b in batch()])
+    e4e = make_module(files, "e4e").invert(x)["output"]
+    feature = make_module(files, "feature_only", feature_only=dict(steps=25)).invert(x)["output"]
+    pti = make_module(files, "pti", pti=dict(steps=25, lr=3e-3)).invert(x)["output"]
+    err = {k: float(((v - x) ** 2).mean()) for k, v in (("e4e", e4e), ("feature", feature), ("pti", pti))}
+    assert err["feature"] < err["e4e"] and err["pti"] < err["e4e"], err
+
+
+def test_dhr_segmentation_sources(files):
+    x = torch.stack([b["image"] for b in batch()])
+    both = make_module(files)
+    codes, taps = both.encode(x)
+    seg = both.segment(x, codes, taps)
+    assert set(seg) == {"error_map", "error_in_domain", "align_mask", "in_domain"}
+    assert seg["in_domain"].shape == (2, 1, 64, 64) and set(seg["in_domain"].unique().tolist()) <= {0.0, 1.0}
+    align_in = (seg["align_mask"] < 0.5).float()
+    torch.testing.assert_close(seg["in_domain"], torch.minimum(seg["error_in_domain"], align_in))
+    only_align = make_module(files, segmentation=dict(source="align_mask"))
+    assert only_align.parser is None and set(only_align.segment(x, codes, taps)) == {"align_mask", "in_domain"}
+
+
+def test_edits_decode_with_the_refined_state(files):
+    module = make_module(files)
+    x = torch.stack([b["image"] for b in batch()])
+    result = module.invert(x)
+    edited = module.render_edit(result, x, result["codes"] + 0.5)
+    torch.testing.assert_close(edited, decode(module.generator, result["state"], result["codes"] + 0.5))
+    assert not torch.allclose(edited, result["output"])
+
+
+def test_bad_configs_name_the_problem(files):
+    with pytest.raises(ValueError, match="model.method='nope'"):
+        make_module(files, "nope")
+    with pytest.raises(ValueError, match="needs model.align_mask_checkpoint"):
+        make_module(files, "ood_blend", align_mask_checkpoint=None)
+    with pytest.raises(CheckpointError, match=r"foreign.pt was trained for generator .*encoder.pt holds"):
+        make_module(files, "ood_blend", align_mask_checkpoint=files["foreign"])
+    with pytest.raises(ValueError, match="unknown parser classes"):
+        make_module(files, segmentation=dict(parser=files["parser"], thresholds={"halo": 0.1}))
+    with pytest.raises(ValueError, match="segmentation.source"):
+        make_module(files, segmentation=dict(source="magic"))
+
+
+def test_predict_writes_per_image_results_and_resumes(files, tmp_path):
+    out = tmp_path / "inv"
+    edits = [{"name": "smile", "kind": "interfacegan", "path": files["direction"], "strengths": [-2.0, 2.0]}]
+    module = make_module(files, edits=edits, output_dir=str(out))
+    items = batch(3)
+    items[2]["image"] = torch.full_like(items[2]["image"], float("nan"))
+    make_tester(tmp_path, inference_mode=True).predict(module, DataLoader(items, batch_size=3), return_predictions=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["images"] == 3 and manifest["ok"] == 2 and manifest["failed"] == ["img2"]
+    folder = out / "img0"
+    assert {p.name for p in folder.iterdir()} >= {"input.png", "reconstruction.png", "ood_mask.png", "latent.pt",
+                                                  "refine_state.pt", "record.json", "edits"}
+    assert sorted(p.name for p in (folder / "edits").iterdir()) == ["smile_+2.png", "smile_-2.png"]
+    assert "NaN" in json.loads((out / "img2" / "record.json").read_text())["reason"]
+    # re-editing later from the saved state, without a generator copy per image
+    state = torch.load(folder / "refine_state.pt", weights_only=True)
+    assert state["weights_format"] == "delta_bf16" and "weights" not in state
+    rebuilt = state_from_images([state], module.generator)
+    with torch.no_grad():
+        again = decode(module.generator, rebuilt, state["codes"][None])
+    saved = np.asarray(Image.open(folder / "reconstruction.png"), dtype=np.float32) / 127.5 - 1
+    assert np.abs(again[0].clamp(-1, 1).permute(1, 2, 0).numpy() - saved).mean() < 0.02  # bf16 deltas + 8-bit PNG
+    # a rerun skips the finished images and redoes a removed one
+    stamp = (out / "img1" / "record.json").stat().st_mtime_ns
+    (folder / "record.json").unlink()
+    module = make_module(files, edits=edits, output_dir=str(out))
+    make_tester(tmp_path).predict(module, DataLoader(items, batch_size=3), return_predictions=False)
+    assert (folder / "record.json").is_file() and (out / "img1" / "record.json").stat().st_mtime_ns == stamp
+
+
+def test_writer_refuses_names_outside_its_folder(tmp_path):
+    with pytest.raises(ValueError, match="relative path"):
+        InversionWriter(tmp_path).folder("../escape")
