@@ -123,6 +123,19 @@ class SynthFacesDataModule(ImageFolderDataModule):
     def check_root(self) -> None:
         """Nothing to check before ``prepare_data`` renders the dataset."""
 
+    @classmethod
+    def from_existing(cls, root: str | Path, resolution: int, **kwargs) -> "SynthFacesDataModule":
+        """A DataModule over an already rendered dataset, with the render arguments read from its
+        ``synthfaces.json`` (so scripts work on any rendered size / count); DataError when ``root`` holds none."""
+        meta_path = Path(root).expanduser() / "synthfaces.json"
+        try:
+            config = json.loads(meta_path.read_text())["config"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"{meta_path}: no SynthFaces dataset there ({exc}); render one with "
+                            f"`python -m datamodules.synthfaces --out {root}` or run any +exp once") from None
+        return cls(root, resolution, n_images=config["n"], render_size=config["size"], render_seed=config["seed"],
+                   n_eval=config["n_eval"], **kwargs)
+
     def prepare_data(self) -> None:
         """Render the dataset if it is missing or incomplete (Lightning calls this on one process per node)."""
         write_dataset(self.dataset_root, **self.render_args, log=lambda msg: print(f"[synthfaces] {msg}"))

@@ -60,6 +60,8 @@ class AlignMaskModule(pl.LightningModule):
             encoder file (same config and weights), else a CheckpointError names both files.
         levels: resolutions of the levels (null = ``networks.align_mask.default_levels(G.size)``).
         warp_scale, cycles, blur_padding: ``AlignMaskNet`` settings (official: 0.08, 2).
+        alpha_init: starting alpha logit of every level (official 0, i.e. masks start at 0.5; a negative value
+            starts below the area limits, so the area hinge does not dominate the first steps).
         level_milestones: step at which each level becomes active (one per level, first 0).
         lr, betas: Adam of the trainable network and of the discriminator (official 2e-5, (0, 0.99)).
         pixel, perceptual, identity_weight, adversarial, binarization, area: loss weights.
@@ -78,7 +80,7 @@ class AlignMaskModule(pl.LightningModule):
 
     def __init__(self, encoder_checkpoint: str, generator_checkpoint: Optional[str] = None,
                  levels: Optional[Sequence[int]] = None, warp_scale: float = 0.08, cycles: int = 2,
-                 blur_padding: str = "replicate", level_milestones: Optional[Sequence[int]] = None,
+                 blur_padding: str = "replicate", alpha_init: float = 0.0, level_milestones: Optional[Sequence[int]] = None,
                  lr: float = 2e-5, betas: Sequence[float] = (0.0, 0.99), pixel: float = 1.0,
                  perceptual: float = 1.0, identity_weight: float = 0.0, adversarial: float = 0.5,
                  binarization: float = 0.04, area: float = 5.0, area_limits: Optional[Mapping] = None,
@@ -101,7 +103,8 @@ class AlignMaskModule(pl.LightningModule):
         self.level_list = [int(r) for r in (levels or default_levels(size))]
         enc_size = int(self.encoder.config["input_size"])
         self.net = AlignMaskNet(dict(self.generator.channels), dict(self.encoder.feature_channels), self.level_list,
-                                enc_size, warp_scale=warp_scale, cycles=cycles, blur_padding=blur_padding)
+                                enc_size, warp_scale=warp_scale, cycles=cycles, blur_padding=blur_padding,
+                                alpha_init=alpha_init)
         self.net_ema = copy.deepcopy(self.net).requires_grad_(False)
         milestones = list(level_milestones) if level_milestones is not None else [0] * len(self.level_list)
         if len(milestones) != len(self.level_list) or milestones != sorted(milestones) or milestones[0] != 0:

@@ -357,8 +357,13 @@ class RefineModule(pl.LightningModule):
             if state is not None:
                 saved = state_for_image(state, j, self.generator, weights=self.hparams.save_weights)
                 saved["codes"] = result["codes"][j].detach().cpu().clone()
-            self.writer.write(name, images, {k: v[j] for k, v in edits.items()}, result["codes"][j], saved,
-                              metrics=metrics, extra=extra)
+            try:
+                self.writer.write(name, images, {k: v[j] for k, v in edits.items()}, result["codes"][j], saved,
+                                  metrics=metrics, extra=extra)
+            except OSError as err:  # disk full, permissions: stop; finished images stay finished
+                raise OSError(f"could not write the results of {name!r} under {self.writer.out_dir} ({err}); the "
+                              f"{len(self.writer.records())} finished image(s) are kept; fix the problem and rerun "
+                              f"with the same output=... to complete the rest") from err
 
     def on_predict_epoch_end(self) -> None:
         if self.writer is not None and self.trainer.is_global_zero:

@@ -185,7 +185,8 @@ class AlignNet(nn.Module):
     ``"replicate"`` (the default here) avoids that attenuation. Conv weights Xavier-normal, conv biases 0.
     """
 
-    def __init__(self, channels: int, bias: bool = False, warp_scale: float = 0.08, blur_padding: str = "replicate"):
+    def __init__(self, channels: int, bias: bool = False, warp_scale: float = 0.08, blur_padding: str = "replicate",
+                 alpha_init: float = 0.0):
         super().__init__()
         if blur_padding not in BLUR_PADDINGS:
             raise ValueError(f"AlignNet: blur_padding must be one of {BLUR_PADDINGS}, got {blur_padding!r}")
@@ -198,6 +199,8 @@ class AlignNet(nn.Module):
                 nn.init.xavier_normal_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        with torch.no_grad():  # the alpha logit's starting offset: the last residual InstanceNorm's shift
+            self.body[1].res[-1].bias[2] = float(alpha_init)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         s, e = self.norm(source), self.norm(target)
@@ -240,7 +243,7 @@ class AlignMaskLevel(nn.Module):
     """
 
     def __init__(self, channels: int, tap_channels: int, warp_scale: float = 0.08, cycles: int = 2,
-                 bias: bool = False, blur_padding: str = "replicate"):
+                 bias: bool = False, blur_padding: str = "replicate", alpha_init: float = 0.0):
         super().__init__()
         if not isinstance(cycles, int) or cycles < 1:
             raise ValueError(f"AlignMaskLevel: cycles must be an int >= 1, got {cycles!r}")
@@ -249,7 +252,8 @@ class AlignMaskLevel(nn.Module):
         self.channels, self.tap_channels, self.cycles = channels, tap_channels, cycles
         self.warp_scale = float(warp_scale)
         self.proj = nn.Conv2d(tap_channels, channels, 1)
-        self.align = AlignNet(channels, bias=bias, warp_scale=warp_scale, blur_padding=blur_padding)
+        self.align = AlignNet(channels, bias=bias, warp_scale=warp_scale, blur_padding=blur_padding,
+                              alpha_init=alpha_init)
 
     def forward(self, feature: torch.Tensor, tap: torch.Tensor,
                 coarse_alpha: Optional[torch.Tensor] = None) -> LevelOutput:
@@ -307,7 +311,7 @@ class AlignMaskNet(nn.Module):
 
     def __init__(self, generator_channels: Mapping, tap_channels: Mapping[str, int], levels: Sequence[int],
                  encoder_input_size: int, warp_scale: float = 0.08, cycles: int = 2, bias: bool = False,
-                 blur_padding: str = "replicate"):
+                 blur_padding: str = "replicate", alpha_init: float = 0.0):
         super().__init__()
         gen_ch = {int(k): int(v) for k, v in dict(generator_channels).items()}
         tap_ch = {str(k): int(v) for k, v in dict(tap_channels).items()}
@@ -327,9 +331,10 @@ class AlignMaskNet(nn.Module):
             raise ValueError(f"AlignMaskNet: tap_channels lacks {absent} (has {sorted(tap_ch)})")
         self.config = dict(generator_channels=gen_ch, tap_channels=tap_ch, levels=list(levels),
                            encoder_input_size=int(encoder_input_size), warp_scale=float(warp_scale),
-                           cycles=int(cycles), bias=bool(bias), blur_padding=str(blur_padding))
+                           cycles=int(cycles), bias=bool(bias), blur_padding=str(blur_padding),
+                           alpha_init=float(alpha_init))
         self.levels = nn.ModuleDict({
-            str(r): AlignMaskLevel(gen_ch[r], tap_ch[self.taps[r]], warp_scale, cycles, bias, blur_padding)
+            str(r): AlignMaskLevel(gen_ch[r], tap_ch[self.taps[r]], warp_scale, cycles, bias, blur_padding, alpha_init)
             for r in levels})
 
     def _active(self, active_levels) -> list:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from networks.align_mask import (AlignMaskLevel, AlignMaskNet, AlignNet, blend, default_levels, fuse_masks, gate,
-                                 tap_for_level, warp)
+                                 load_align_mask, save_align_mask, tap_for_level, warp)
 from networks.encoders import Encoder4Editing
 from networks.stylegan2 import Generator
 
@@ -291,3 +291,16 @@ def test_optimisation_step_lowers_reconstruction_loss_and_gradients_reach_only_t
     opt.step()
     with torch.no_grad():
         assert loss_fn() < loss.detach()
+
+
+def test_alpha_init_sets_the_starting_mask_and_survives_export(tiny, tmp_path):
+    G, _, codes, taps, image = tiny
+    with torch.no_grad():
+        official = make_net(tiny)(G, codes, taps, image).mask.mean()
+        low_net = make_net(tiny, alpha_init=-2.0)
+        low = low_net(G, codes, taps, image).mask.mean()
+    assert 0.3 < official < 0.7 and low < 0.2
+    net, _ = load_align_mask(save_align_mask(tmp_path / "a.pt", low_net))
+    assert net.config["alpha_init"] == -2.0
+    with torch.no_grad():
+        torch.testing.assert_close(net(G, codes, taps, image).mask.mean(), low)

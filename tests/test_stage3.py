@@ -159,3 +159,60 @@ def test_predict_writes_per_image_results_and_resumes(files, tmp_path):
 def test_writer_refuses_names_outside_its_folder(tmp_path):
     with pytest.raises(ValueError, match="relative path"):
         InversionWriter(tmp_path).folder("../escape")
+
+
+def test_disk_full_stops_with_a_clear_message_and_keeps_finished_images(files, tmp_path, monkeypatch):
+    import errno
+
+    import lightning_modules.inversion_writer as writer_module
+
+    out = tmp_path / "inv"
+    module = make_module(files, "e4e", output_dir=str(out))
+    real_save, calls = writer_module._save_png, []
+
+    def failing_save(image, path):
+        calls.append(path)
+        if "img1" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(image, path)
+
+    monkeypatch.setattr(writer_module, "_save_png", failing_save)
+    with pytest.raises(OSError, match=r"'img1'.*No space left.*1 finished image\(s\) are kept.*rerun"):
+        make_tester(tmp_path).predict(module, DataLoader(batch(3), batch_size=3), return_predictions=False)
+    assert (out / "img0" / "record.json").is_file() and not (out / "img1" / "record.json").exists()
+    monkeypatch.setattr(writer_module, "_save_png", real_save)
+    make_tester(tmp_path).predict(make_module(files, "e4e", output_dir=str(out)), DataLoader(batch(3), batch_size=3),
+                                  return_predictions=False)
+    assert json.loads((out / "manifest.json").read_text())["ok"] == 3
+
+
+def test_run_py_dhr_mode_invert_on_a_folder(files, compose_cfg, make_images, tmp_path, monkeypatch):
+    """`python experiments/run.py +exp=dhr mode=invert input=DIR output=OUT`, then a rerun that skips everything."""
+    from experiments.run import train
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    make_images(tmp_path / "photos", ["a.png", "sub/b.jpg"], size=(80, 64))
+    out = tmp_path / "inverted"
+    overrides = ["+exp=dhr", "mode=invert", f"input={tmp_path / 'photos'}", f"output={out}", "logger=csv",
+                 "trainer=cpu", "trainer.enable_progress_bar=false", "data.num_workers=0",
+                 f"model.encoder_checkpoint={files['encoder']}", f"model.align_mask_checkpoint={files['align']}",
+                 f"model.segmentation.parser={files['parser']}", "model.segmentation.coarse.steps=2",
+                 "model.segmentation.superpixels.n_segments=20", "model.refine.weight_steps=2",
+                 "model.refine.feature_steps=2", f"model.edit.direction={files['direction']}",
+                 f"model.edit.classifier={files['classifier']}", f"model.edits.0.path={files['direction']}"]
+    manifest = train(compose_cfg(overrides))
+    data = json.loads(manifest.read_text())
+    assert manifest == out / "manifest.json" and data["ok"] == 2
+    assert sorted(r["name"] for r in data["records"]) == ["a", "sub/b"]
+    assert (out / "sub" / "b" / "edits" / "smile_+3.png").is_file() and (out / "a" / "ood_mask.png").is_file()
+    stamp = (out / "a" / "record.json").stat().st_mtime_ns
+    train(compose_cfg(overrides, run_dir=tmp_path / "run2"))
+    assert (out / "a" / "record.json").stat().st_mtime_ns == stamp
+
+
+def test_run_py_mode_invert_needs_an_input(compose_cfg, files):
+    from experiments.run import train
+    from experiments.utils import UserError
+
+    with pytest.raises(UserError, match="mode=invert needs input=DIR"):
+        train(compose_cfg(["+exp=dhr", "mode=invert", f"model.encoder_checkpoint={files['encoder']}"]))
