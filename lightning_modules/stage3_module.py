@@ -56,8 +56,9 @@ SEGMENTATION_DEFAULTS: Dict[str, Any] = {
     "source": "error_superpixels",
     "coarse": {"steps": 40, "lr": 0.1},               # official: W only, 40 steps, LPIPS, noise optimised
     "superpixels": {"n_segments": 200, "compactness": 30.0, "sigma": 1.0},
-    "parser": None,                                    # SynthFaces face_parser.pt; null = no parsing
-    "classes": None,                                   # parser class names in index order (null: SynthFaces parts)
+    "parser": None,                                    # face-parser file; null = no parsing
+    "parser_kind": "synthfaces",                       # synthfaces | bisenet (face-parsing.PyTorch 79999_iter.pth)
+    "classes": None,                                   # class names in index order (null: the parser's own)
     "thresholds": {},                                  # {class name: threshold}
     "default_threshold": 0.6,
     "ood_classes": [],                                 # parser classes that are always OOD
@@ -168,11 +169,13 @@ class RefineModule(pl.LightningModule):
         path = self.segmentation["parser"]
         if not path:
             return None, {}
-        from datamodules.synthfaces.parts import PART_INDEX
-        from networks.synthfaces_nets import load_face_parser
+        from networks.face_parsers import load_face_parsing
 
-        parser = load_face_parser(Path(path).expanduser()).requires_grad_(False)
-        names = self.segmentation["classes"] or sorted(PART_INDEX, key=PART_INDEX.get)
+        parser = load_face_parsing(self.segmentation["parser_kind"], Path(path).expanduser())
+        names = self.segmentation["classes"] or list(parser.class_names)
+        if len(names) != parser.num_classes:
+            raise ValueError(f"model.segmentation.classes lists {len(names)} names but the parser {path} predicts "
+                             f"{parser.num_classes} classes")
         class_ids = {str(n): i for i, n in enumerate(names)}
         wanted = set(self.segmentation["thresholds"]) | set(self.segmentation["ood_classes"])
         unknown = sorted(wanted - set(class_ids))
@@ -238,7 +241,7 @@ class RefineModule(pl.LightningModule):
             with torch.no_grad():
                 error = self.lpips.spatial_map(coarse.images, images)
                 labels = superpixels(images, **seg["superpixels"])
-                probs = torch.softmax(self.parser(images), 1) if self.parser is not None else None
+                probs = self.parser.probabilities(images) if self.parser is not None else None
             thresholds = {self.class_ids[k]: float(v) for k, v in seg["thresholds"].items()}
             error_in = error_superpixel_mask(error, labels, probs, thresholds, float(seg["default_threshold"]),
                                              [self.class_ids[c] for c in seg["ood_classes"]])

@@ -216,3 +216,21 @@ def test_run_py_mode_invert_needs_an_input(compose_cfg, files):
 
     with pytest.raises(UserError, match="mode=invert needs input=DIR"):
         train(compose_cfg(["+exp=dhr", "mode=invert", f"model.encoder_checkpoint={files['encoder']}"]))
+
+
+def test_dhr_with_a_bisenet_parser_uses_its_class_names(files, tmp_path):
+    from networks.face_parsers import BiSeNet
+
+    torch.manual_seed(0)
+    path = tmp_path / "79999_iter.pth"
+    torch.save(BiSeNet(19).state_dict(), path)
+    module = make_module(files, segmentation=dict(source="error_superpixels", parser=str(path), parser_kind="bisenet",
+                                                  thresholds={"skin": 0.7, "nose": 0.8}, default_threshold=0.6,
+                                                  ood_classes=["background", "cloth", "hat", "ear_r", "neck_l"]))
+    assert module.class_ids["skin"] == 1 and module.class_ids["hat"] == 18
+    x = torch.stack([b["image"] for b in batch(1)])
+    codes, taps = module.encode(x)
+    assert module.segment(x, codes, taps)["in_domain"].shape == (1, 1, 64, 64)
+    with pytest.raises(ValueError, match="unknown parser classes"):
+        make_module(files, segmentation=dict(source="error_superpixels", parser=str(path), parser_kind="bisenet",
+                                             ood_classes=["background", "ears"]))
