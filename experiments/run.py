@@ -118,8 +118,8 @@ def train(cfg: DictConfig) -> Path | None:
     if ckpt_path:
         log.info(f"Starting from checkpoint {ckpt_path}")
 
-    if mode == "evaluate":  # stage 3 (nothing to train) or a trained stage re-tested
-        evaluate(trainer, model, datamodule, run_dir)
+    if mode == "evaluate":  # stage 3 (nothing to train), or a trained stage re-tested from its checkpoint
+        evaluate(trainer, model, datamodule, run_dir, ckpt_path=str(ckpt_path) if ckpt_path else None)
         return None
     if mode == "invert":
         return invert(trainer, model, datamodule)
@@ -163,10 +163,11 @@ def invert(trainer, model, datamodule) -> Path:
     return out / "manifest.json"
 
 
-def evaluate(trainer, model, datamodule, run_dir: Path) -> None:
-    """`trainer.test` on the datamodule's test split; per-image rows of `model.test_table` (when the stage keeps
-    one) go to `<run_dir>/metrics/test.csv` and `test.json`, and the means are printed."""
-    trainer.test(model, datamodule=datamodule, verbose=False)
+def evaluate(trainer, model, datamodule, run_dir: Path, ckpt_path: str | None = None) -> None:
+    """`trainer.test` on the datamodule's test split (weights from `ckpt_path` when given); per-image rows of
+    `model.test_table` (when the stage keeps one) go to `<run_dir>/metrics/test.csv` and `test.json`, the means
+    are printed, and `model.summary_markdown()` (when the stage has one) goes to `metrics/summary.md`."""
+    trainer.test(model, datamodule=datamodule, verbose=False, ckpt_path=ckpt_path)
     table = getattr(model, "test_table", None)
     if not trainer.is_global_zero or table is None or not getattr(table, "rows", None):
         return

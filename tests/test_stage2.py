@@ -152,14 +152,14 @@ def test_run_py_ood_blend_trains_evaluates_and_reports(compose_cfg, stage1_file,
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     classifier = save_aux_net(tmp_path / "classifier.pt", AttributeClassifier(resolution=64, widths=(4, 8, 8, 8),
                                                                               feature_dim=8))
-    cfg = compose_cfg(["+exp=ood_blend", f"data.root={tmp_path / 'sf'}", "data.n_images=24", "data.n_eval=4",
-                       "data.render_size=64", "data.batch_size=4", "data.num_workers=0",
+    overrides = ["+exp=ood_blend", f"data.root={tmp_path / 'sf'}", "data.n_images=24", "data.n_eval=4",
+                 "data.render_size=64", "data.batch_size=4", "data.num_workers=0",
                        f"model.encoder_checkpoint={stage1_file}", f"model.edit.classifier={classifier}",
                        "model.level_milestones=[0,1]", "logger=csv", "trainer=cpu", "trainer.max_steps=2",
                        "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                        "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
-                       "model.edit.direction=" + str(save_direction(tmp_path / "d.pt", torch.randn(1, 32)))])
-    path = train(cfg)
+                       "model.edit.direction=" + str(save_direction(tmp_path / "d.pt", torch.randn(1, 32)))]
+    path = train(compose_cfg(overrides))
     run = tmp_path / "run"
     assert path == run / "align_mask.pt"
     net, meta = load_align_mask(path)
@@ -172,3 +172,8 @@ def test_run_py_ood_blend_trains_evaluates_and_reports(compose_cfg, stage1_file,
     assert "| stage 1 (encoder only) |" in summary and "mask IoU@0.5" in summary
     assert (run / "masks" / "test_step_000002.png").is_file() and (run / "masks" / "val_step_000002.png").is_file()
     assert (run / "reconstructions" / "step_000002.png").is_file()
+    # re-test the finished run from its checkpoint: the same numbers
+    first = (run / "metrics" / "test.csv").read_text()
+    (run / "metrics" / "test.csv").unlink()
+    assert train(compose_cfg(overrides + ["mode=evaluate", "resume=true"])) is None
+    assert (run / "metrics" / "test.csv").read_text() == first
