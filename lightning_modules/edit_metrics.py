@@ -5,7 +5,8 @@ stage-three refinements.
 """
 from __future__ import annotations
 
-from typing import Dict
+from pathlib import Path
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -42,3 +43,24 @@ def ood_preservation(source: Tensor, edited: Tensor, ood_mask: Tensor) -> Tensor
     """PSNR (dB, images in [-1, 1] read as [0, 1]) inside the OOD mask (B, 1, H, W) between the input and its
     edited output, (B,): how well an edit keeps the out-of-domain content. NaN where the mask is empty."""
     return image_metrics(edited, source, ood_mask)["psnr_in"]
+
+
+def load_edit_scorer(cfg: Mapping, style_dim: int) -> Optional[dict]:
+    """The evaluation edit of the inversion stages from ``model.edit`` = {direction, strength, attribute,
+    classifier}: None without a direction, else {"direction" (1, D), "strength", "attribute", "classifier"}.
+
+    ValueError when a direction comes without the classifier file that scores it.
+    """
+    cfg = dict(cfg or {})
+    if not cfg.get("direction"):
+        return None
+    if not cfg.get("classifier"):
+        raise ValueError("model.edit.direction is set but model.edit.classifier is not: the edit is scored by the "
+                         "SynthFaces attribute classifier (experiments/weights/synthfaces/attribute_classifier.pt)")
+    from networks.editing import load_direction
+    from networks.synthfaces_nets import load_attribute_classifier
+
+    classifier = load_attribute_classifier(Path(cfg["classifier"]).expanduser()).eval().requires_grad_(False)
+    return {"direction": load_direction(Path(cfg["direction"]).expanduser(), dim=style_dim),
+            "strength": float(cfg.get("strength", 3.0)), "attribute": str(cfg.get("attribute", "smile")),
+            "classifier": classifier}

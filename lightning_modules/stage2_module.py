@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 
 from datamodules.ood_patches import paste_random_patches
-from lightning_modules.edit_metrics import attribute_change, ood_preservation
+from lightning_modules.edit_metrics import attribute_change, load_edit_scorer, ood_preservation
 from lightning_modules.gan_losses import d_logistic_loss, g_nonsaturating_loss
 from lightning_modules.metrics import MetricTable, image_metrics, mask_metrics, method_comparison
 from lightning_modules.perceptual import LPIPSLoss
@@ -37,7 +37,7 @@ from lightning_modules.stage1_module import batch_images
 from lightning_modules.steps import uncounted_step
 from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
 from networks.checkpoints import CheckpointError, load_generator
-from networks.editing import apply_interfacegan, load_direction
+from networks.editing import apply_interfacegan
 from networks.encoder_checkpoints import load_e4e_checkpoint
 from networks.encoders import resize_to_encoder
 from networks.stylegan2 import Discriminator
@@ -126,7 +126,8 @@ class AlignMaskModule(pl.LightningModule):
         self.discriminator = Discriminator(size, **d_kwargs) if adversarial > 0 else None
         self.train_patches = dict(to_plain(train_patches or {}))
         self.train_patches.setdefault("p", 0.0)
-        self.edit = self._load_edit(dict(to_plain(edit or {})))  # a plain dict: the scorer stays out of checkpoints
+        # a plain dict, not a submodule: the scorer stays out of checkpoints
+        self.edit = load_edit_scorer(to_plain(edit or {}), self.generator.style_dim)
         self.val_table, self.test_table = MetricTable(), MetricTable()
         self.grid_batch: Optional[Dict[str, Tensor]] = None
 
@@ -299,20 +300,6 @@ class AlignMaskModule(pl.LightningModule):
         if batch_idx == 0:
             n = self.hparams.n_grid
             self.grid_batch = {k: v[:n] for k, v in rows.items()}
-
-    def _load_edit(self, cfg: dict) -> Optional[dict]:
-        if not cfg.get("direction"):
-            return None
-        classifier_path = cfg.get("classifier")
-        if not classifier_path:
-            raise ValueError("model.edit.direction is set but model.edit.classifier is not: the edit is scored by the "
-                             "SynthFaces attribute classifier (experiments/weights/synthfaces/attribute_classifier.pt)")
-        from networks.synthfaces_nets import load_attribute_classifier
-
-        classifier = load_attribute_classifier(Path(classifier_path).expanduser()).eval().requires_grad_(False)
-        return {"direction": load_direction(Path(cfg["direction"]).expanduser(), dim=self.generator.style_dim),
-                "strength": float(cfg.get("strength", 3.0)), "attribute": str(cfg.get("attribute", "smile")),
-                "classifier": classifier}
 
     def _check_same_generator(self, path: Path) -> None:
         where = f"model.generator_checkpoint={path} and model.encoder_checkpoint={self.encoder_checkpoint}"

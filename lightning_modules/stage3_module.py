@@ -30,7 +30,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules.edit_metrics import attribute_change, ood_preservation
+from lightning_modules.edit_metrics import attribute_change, load_edit_scorer, ood_preservation
 from lightning_modules.inversion_writer import InversionWriter
 from lightning_modules.metrics import MetricTable, image_metrics, mask_metrics, method_comparison
 from lightning_modules.perceptual import LPIPSLoss
@@ -124,7 +124,8 @@ class RefineModule(pl.LightningModule):
         self.align_net = self._load_align_net(align_mask_checkpoint) if self._needs_align_mask() else None
         self.parser, self.class_ids = self._load_parser() if self._needs_error_map() else (None, {})
         self.lpips = LPIPSLoss(**to_plain(lpips or {}))
-        self.edit = self._load_edit(dict(to_plain(edit or {})))  # a plain dict: the scorer stays out of checkpoints
+        # a plain dict, not a submodule: the scorer stays out of checkpoints
+        self.edit = load_edit_scorer(to_plain(edit or {}), self.generator.style_dim)
         self.edits = [self._load_output_edit(dict(e)) for e in to_plain(edits or [])]
         if save_weights not in WEIGHT_FORMATS:
             raise ValueError(f"model.save_weights={save_weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
@@ -183,19 +184,6 @@ class RefineModule(pl.LightningModule):
             raise ValueError(f"model.segmentation: unknown parser classes {unknown}; the parser {path} has "
                              f"{', '.join(class_ids)}")
         return parser, class_ids
-
-    def _load_edit(self, cfg: dict) -> Optional[dict]:
-        if not cfg.get("direction"):
-            return None
-        if not cfg.get("classifier"):
-            raise ValueError("model.edit.direction is set but model.edit.classifier is not: the edit is scored by the "
-                             "SynthFaces attribute classifier (experiments/weights/synthfaces/attribute_classifier.pt)")
-        from networks.synthfaces_nets import load_attribute_classifier
-
-        classifier = load_attribute_classifier(Path(cfg["classifier"]).expanduser()).eval().requires_grad_(False)
-        return {"direction": load_direction(Path(cfg["direction"]).expanduser(), dim=self.generator.style_dim),
-                "strength": float(cfg.get("strength", 3.0)), "attribute": str(cfg.get("attribute", "smile")),
-                "classifier": classifier}
 
     def _load_output_edit(self, spec: dict) -> dict:
         kind, name = spec.get("kind", "interfacegan"), spec.get("name")

@@ -192,8 +192,12 @@ def test_run_py_dhr_mode_invert_on_a_folder(files, compose_cfg, make_images, tmp
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     make_images(tmp_path / "photos", ["a.png", "sub/b.jpg"], size=(80, 64))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[40:, :] = 255
+    Image.fromarray(mask).save(tmp_path / "a.png")  # a ground-truth OOD mask for image "a" only
     out = tmp_path / "inverted"
     overrides = ["+exp=dhr", "mode=invert", f"input={tmp_path / 'photos'}", f"output={out}", "logger=csv",
+                 f"masks={tmp_path}",
                  "trainer=cpu", "trainer.enable_progress_bar=false", "data.num_workers=0",
                  f"model.encoder_checkpoint={files['encoder']}", f"model.align_mask_checkpoint={files['align']}",
                  f"model.segmentation.parser={files['parser']}", "model.segmentation.coarse.steps=2",
@@ -205,6 +209,9 @@ def test_run_py_dhr_mode_invert_on_a_folder(files, compose_cfg, make_images, tmp
     assert manifest == out / "manifest.json" and data["ok"] == 2
     assert sorted(r["name"] for r in data["records"]) == ["a", "sub/b"]
     assert (out / "sub" / "b" / "edits" / "smile_+3.png").is_file() and (out / "a" / "ood_mask.png").is_file()
+    metrics = json.loads((out / "a" / "metrics.json").read_text())
+    assert {"psnr", "psnr_in", "psnr_out", "iou@0.5", "best_iou"} <= set(metrics)
+    assert not (out / "sub" / "b" / "metrics.json").exists()
     stamp = (out / "a" / "record.json").stat().st_mtime_ns
     train(compose_cfg(overrides, run_dir=tmp_path / "run2"))
     assert (out / "a" / "record.json").stat().st_mtime_ns == stamp
