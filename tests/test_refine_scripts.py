@@ -7,6 +7,7 @@ from networks.encoder_checkpoints import export_e4e_checkpoint
 from networks.encoders import build_encoder
 from networks.stylegan2 import Generator
 from networks.synthfaces_nets import FaceParser, save_aux_net
+from tests.test_stage3 import files  # noqa: F401  (the fixture of tiny hand-offs)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -42,3 +43,24 @@ def test_calibration_reports_every_scale(setup, capsys):
     text = capsys.readouterr().out
     assert [r[0] for r in result["rows"]] == [0.05, 0.1] and result["best"] in (0.05, 0.1)
     assert "| 0.05" in text and "| 0.1" in text and all(0 <= r[1] <= 1 for r in result["rows"])
+
+
+def test_benchmark_report_runs_every_method_on_the_same_images(files, tmp_path, capsys):  # noqa: F811
+    from experiments.benchmark import main
+
+    out = tmp_path / "report"
+    result = main(["--n", "4", "--batch", "2", "--out", str(out), "--",
+                   f"data.root={tmp_path / 'sf'}", "data.n_images=24", "data.n_eval=4", "data.render_size=64",
+                   f"model.encoder_checkpoint={files['encoder']}", f"model.align_mask_checkpoint={files['align']}",
+                   f"model.segmentation.parser={files['parser']}", "model.segmentation.coarse.steps=2",
+                   "model.segmentation.superpixels.n_segments=20", "model.refine.weight_steps=2",
+                   "model.refine.feature_steps=2", "model.pti.steps=2", "model.feature_only.steps=2",
+                   f"model.edit.direction={files['direction']}", f"model.edit.classifier={files['classifier']}",
+                   f"model.edits.0.path={files['direction']}"])
+    lines = (out / "benchmark.md").read_text().splitlines()
+    assert lines[2].startswith("| method | PSNR | SSIM | MSE | PSNR in OOD")
+    assert [ln.split(" | ")[0] for ln in lines[4:]] == ["| e4e", "| pti", "| feature_only", "| ood_blend", "| dhr"]
+    assert set(result["means"]) == {"e4e", "pti", "feature_only", "ood_blend", "dhr"}
+    assert all(len((out / f"{m}.csv").read_text().strip().splitlines()) == 5 for m in result["means"])
+    assert [p.name for p in result["plots"]] == ["quality_vs_time.png", "iou_by_family.png"]
+    assert all(p.stat().st_size > 1000 for p in result["plots"])
