@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from callbacks.mask_overlay import MaskOverlay, overlay
+from tests.helpers.wandb_offline import history, run_file
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -57,3 +58,8 @@ def test_callback_writes_png_and_wandb_mask_layers(tmp_path, monkeypatch):
     assert len(layers) == 4  # prediction + ground truth for each of the two images (distinct masks)
     assert all(set(Image.open(f).getdata()) == {0, 1} for f in layers)
     assert len(list((run_dir / "files" / "media" / "images" / "test").glob("masks_*.png"))) == 2
+    # read the offline run back: one history row with two images, each with both mask layers
+    row = history(run_file(run_dir))[0]
+    assert row["test/masks/_type"] == "images/separated" and row["test/masks/count"] == 2
+    assert [set(m) for m in row["test/masks/all_masks"]] == [{"prediction", "ground_truth"}] * 2
+    assert all((run_dir / "files" / layer["path"]).is_file() for m in row["test/masks/all_masks"] for layer in m.values())

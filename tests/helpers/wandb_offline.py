@@ -1,0 +1,100 @@
+"""Read an offline W&B run file (``run-<id>.wandb``) back, for tests that check what a run logged.
+
+W&B has no public API for offline runs (the datastore reader moved into the Go core in wandb 0.19+), so this
+small reader decodes the file itself: a 7-byte header (``:W&B``, magic 0xBEE1, version 0), then 32 KiB blocks
+of LevelDB-log records (4-byte CRC, 2-byte length, 1-byte type FULL/FIRST/MIDDLE/LAST) whose payloads are
+``wandb_internal_pb2.Record`` protobufs.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Dict, List
+
+BLOCK = 32 * 1024
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path) -> List[Any]:
+    """Every ``Record`` protobuf of the run file, in order."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file (header {data[:4]!r})")
+    records, pos, pending = [], HEADER, b""
+    while pos + HEADER <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < HEADER:  # block trailer padding
+            pos += left_in_block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        payload = data[pos + HEADER:pos + HEADER + length]
+        pos += HEADER + length
+        if kind == 0 and length == 0:
+            pos += BLOCK - pos % BLOCK if pos % BLOCK else 0
+            continue
+        if kind == FULL:
+            pending = payload
+        elif kind == FIRST:
+            pending = payload
+            continue
+        elif kind == MIDDLE:
+            pending += payload
+            continue
+        elif kind == LAST:
+            pending += payload
+        record = pb.Record()
+        record.ParseFromString(pending)
+        records.append(record)
+        pending = b""
+    return records
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def history(path) -> List[Dict[str, Any]]:
+    """The logged history rows: [{key: decoded JSON value}] (media entries are their JSON descriptors)."""
+    rows = []
+    for r in read_records(path):
+        if r.WhichOneof("record_type") == "history":
+            rows.append({_key(it): json.loads(it.value_json) for it in r.history.item})
+    return rows
+
+
+def summary(path) -> Dict[str, Any]:
+    """The run summary: the last value of every key set through ``run.summary`` or history."""
+    out: Dict[str, Any] = {}
+    for r in read_records(path):
+        kind = r.WhichOneof("record_type")
+        if kind == "summary":
+            for it in r.summary.update:
+                out[_key(it)] = json.loads(it.value_json)
+        elif kind == "history":
+            for it in r.history.item:
+                if not _key(it).startswith("_"):
+                    out[_key(it)] = json.loads(it.value_json)
+    return out
+
+
+def config(path) -> Dict[str, Any]:
+    """The run config: {key: value} (W&B stores each top-level key as {"value": ...})."""
+    out: Dict[str, Any] = {}
+    for r in read_records(path):
+        if r.WhichOneof("record_type") == "config":
+            for it in r.config.update:
+                value = json.loads(it.value_json)
+                out[_key(it)] = value.get("value", value) if isinstance(value, dict) else value
+    return out
+
+
+def run_file(run_dir) -> Path:
+    """The ``run-*.wandb`` file of an offline run directory (``.../wandb/offline-run-*``)."""
+    found = sorted(Path(run_dir).glob("run-*.wandb"))
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no run-*.wandb file")
+    return found[-1]
