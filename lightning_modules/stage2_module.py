@@ -62,6 +62,8 @@ class AlignMaskModule(pl.LightningModule):
         warp_scale, cycles, blur_padding: ``AlignMaskNet`` settings (official: 0.08, 2).
         alpha_init: starting alpha logit of every level (official 0, i.e. masks start at 0.5; a negative value
             starts below the area limits, so the area hinge does not dominate the first steps).
+        error_cue: add the stage-1 reconstruction error |x - G(codes)| to the alpha logits through a learned
+            3x3 conv (not in the official model; see ``networks.align_mask.AlignMaskNet``).
         level_milestones: step at which each level becomes active (one per level, first 0).
         lr, betas: Adam of the trainable network and of the discriminator (official 2e-5, (0, 0.99)).
         pixel, perceptual, identity_weight, adversarial, binarization, area: loss weights.
@@ -80,7 +82,8 @@ class AlignMaskModule(pl.LightningModule):
 
     def __init__(self, encoder_checkpoint: str, generator_checkpoint: Optional[str] = None,
                  levels: Optional[Sequence[int]] = None, warp_scale: float = 0.08, cycles: int = 2,
-                 blur_padding: str = "replicate", alpha_init: float = 0.0, level_milestones: Optional[Sequence[int]] = None,
+                 blur_padding: str = "replicate", alpha_init: float = 0.0, error_cue: bool = False,
+                 level_milestones: Optional[Sequence[int]] = None,
                  lr: float = 2e-5, betas: Sequence[float] = (0.0, 0.99), pixel: float = 1.0,
                  perceptual: float = 1.0, identity_weight: float = 0.0, adversarial: float = 0.5,
                  binarization: float = 0.04, area: float = 5.0, area_limits: Optional[Mapping] = None,
@@ -104,7 +107,7 @@ class AlignMaskModule(pl.LightningModule):
         enc_size = int(self.encoder.config["input_size"])
         self.net = AlignMaskNet(dict(self.generator.channels), dict(self.encoder.feature_channels), self.level_list,
                                 enc_size, warp_scale=warp_scale, cycles=cycles, blur_padding=blur_padding,
-                                alpha_init=alpha_init)
+                                alpha_init=alpha_init, error_cue=error_cue)
         self.net_ema = copy.deepcopy(self.net).requires_grad_(False)
         milestones = list(level_milestones) if level_milestones is not None else [0] * len(self.level_list)
         if len(milestones) != len(self.level_list) or milestones != sorted(milestones) or milestones[0] != 0:
@@ -152,8 +155,9 @@ class AlignMaskModule(pl.LightningModule):
         """
         enc_codes, taps = self.encode(images)
         net = self.net_ema if use_ema else self.net
+        cue = net.reconstruction_error(self.generator, enc_codes, images) if net.error_cue else None
         return net(self.generator, enc_codes if codes is None else codes, taps, images,
-                   active_levels=self.level_list if active_levels is None else active_levels)
+                   active_levels=self.level_list if active_levels is None else active_levels, cue=cue)
 
     def export_handoff(self, run_dir) -> Path:
         """Write ``run_dir/align_mask.pt`` (EMA weights, config, meta naming the stage-1 file); returns its path."""

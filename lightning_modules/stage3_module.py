@@ -279,8 +279,10 @@ class RefineModule(pl.LightningModule):
         (OOD content frozen at the feature level), alignment + blend against the input for ``ood_blend``."""
         if self.method == "e4e":
             return self.generator.synthesize(edited_codes).image
-        if self.method == "ood_blend":
-            return self.align_net(self.generator, edited_codes, result["taps"], images).output
+        if self.method == "ood_blend":  # the mask (and its error cue) stay the input's
+            cue = self.align_net.reconstruction_error(self.generator, result["codes"], images) \
+                if self.align_net.error_cue else None
+            return self.align_net(self.generator, edited_codes, result["taps"], images, cue=cue).output
         return decode(self.generator, result["state"], edited_codes)
 
     def summary_markdown(self) -> str:

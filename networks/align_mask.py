@@ -186,7 +186,7 @@ class AlignNet(nn.Module):
     """
 
     def __init__(self, channels: int, bias: bool = False, warp_scale: float = 0.08, blur_padding: str = "replicate",
-                 alpha_init: float = 0.0):
+                 alpha_init: float = 0.0, error_cue: bool = False):
         super().__init__()
         if blur_padding not in BLUR_PADDINGS:
             raise ValueError(f"AlignNet: blur_padding must be one of {BLUR_PADDINGS}, got {blur_padding!r}")
@@ -201,10 +201,19 @@ class AlignNet(nn.Module):
                     nn.init.zeros_(m.bias)
         with torch.no_grad():  # the alpha logit's starting offset: the last residual InstanceNorm's shift
             self.body[1].res[-1].bias[2] = float(alpha_init)
+        # optional: the stage-1 reconstruction error, un-normalised, added to the alpha logit (see AlignMaskNet)
+        self.cue = nn.Conv2d(1, 1, 3, padding=1) if error_cue else None
+        if self.cue is not None:
+            nn.init.zeros_(self.cue.weight)
+            nn.init.zeros_(self.cue.bias)
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, source: torch.Tensor, target: torch.Tensor, cue: Optional[torch.Tensor] = None) -> torch.Tensor:
         s, e = self.norm(source), self.norm(target)
         raw = self.body(torch.cat([s - e, e], dim=1))
+        if self.cue is not None:
+            if cue is None:
+                raise ValueError("AlignNet was built with error_cue=True: pass the error cue (B, 1, H, W)")
+            raw = torch.cat([raw[:, :2], raw[:, 2:] + self.cue(cue)], dim=1)
         heads = torch.cat([torch.tanh(raw[:, :2]) * self.warp_scale, torch.sigmoid(raw[:, 2:])], dim=1)
         if self.blur_padding == "replicate":
             heads = F.pad(heads, (2, 1, 2, 1), mode="replicate")
@@ -243,7 +252,8 @@ class AlignMaskLevel(nn.Module):
     """
 
     def __init__(self, channels: int, tap_channels: int, warp_scale: float = 0.08, cycles: int = 2,
-                 bias: bool = False, blur_padding: str = "replicate", alpha_init: float = 0.0):
+                 bias: bool = False, blur_padding: str = "replicate", alpha_init: float = 0.0,
+                 error_cue: bool = False):
         super().__init__()
         if not isinstance(cycles, int) or cycles < 1:
             raise ValueError(f"AlignMaskLevel: cycles must be an int >= 1, got {cycles!r}")
@@ -253,10 +263,10 @@ class AlignMaskLevel(nn.Module):
         self.warp_scale = float(warp_scale)
         self.proj = nn.Conv2d(tap_channels, channels, 1)
         self.align = AlignNet(channels, bias=bias, warp_scale=warp_scale, blur_padding=blur_padding,
-                              alpha_init=alpha_init)
+                              alpha_init=alpha_init, error_cue=error_cue)
 
-    def forward(self, feature: torch.Tensor, tap: torch.Tensor,
-                coarse_alpha: Optional[torch.Tensor] = None) -> LevelOutput:
+    def forward(self, feature: torch.Tensor, tap: torch.Tensor, coarse_alpha: Optional[torch.Tensor] = None,
+                cue: Optional[torch.Tensor] = None) -> LevelOutput:
         if feature.ndim != 4 or feature.shape[1] != self.channels:
             raise ValueError(f"AlignMaskLevel: feature must be (B, {self.channels}, r, r), got {tuple(feature.shape)}")
         if tap.ndim != 4 or tap.shape[1] != self.tap_channels or tap.shape[0] != feature.shape[0]:
@@ -265,9 +275,10 @@ class AlignMaskLevel(nn.Module):
         r = feature.shape[-1]
         enc = self.proj(_resize(tap.to(feature.dtype), r))
         s = self.warp_scale
+        cue = _resize(cue.to(feature.dtype), r) if cue is not None else None
         out, flow, alpha = feature, None, None
         for k in range(self.cycles):
-            pred = self.align(out, enc)
+            pred = self.align(out, enc, cue)
             if k == 0:
                 flow, alpha = pred[:, :2], pred[:, 2:]
             else:
@@ -311,7 +322,7 @@ class AlignMaskNet(nn.Module):
 
     def __init__(self, generator_channels: Mapping, tap_channels: Mapping[str, int], levels: Sequence[int],
                  encoder_input_size: int, warp_scale: float = 0.08, cycles: int = 2, bias: bool = False,
-                 blur_padding: str = "replicate", alpha_init: float = 0.0):
+                 blur_padding: str = "replicate", alpha_init: float = 0.0, error_cue: bool = False):
         super().__init__()
         gen_ch = {int(k): int(v) for k, v in dict(generator_channels).items()}
         tap_ch = {str(k): int(v) for k, v in dict(tap_channels).items()}
@@ -332,9 +343,11 @@ class AlignMaskNet(nn.Module):
         self.config = dict(generator_channels=gen_ch, tap_channels=tap_ch, levels=list(levels),
                            encoder_input_size=int(encoder_input_size), warp_scale=float(warp_scale),
                            cycles=int(cycles), bias=bool(bias), blur_padding=str(blur_padding),
-                           alpha_init=float(alpha_init))
+                           alpha_init=float(alpha_init), error_cue=bool(error_cue))
+        self.error_cue = bool(error_cue)
         self.levels = nn.ModuleDict({
-            str(r): AlignMaskLevel(gen_ch[r], tap_ch[self.taps[r]], warp_scale, cycles, bias, blur_padding, alpha_init)
+            str(r): AlignMaskLevel(gen_ch[r], tap_ch[self.taps[r]], warp_scale, cycles, bias, blur_padding, alpha_init,
+                                   error_cue)
             for r in levels})
 
     def _active(self, active_levels) -> list:
@@ -345,8 +358,15 @@ class AlignMaskNet(nn.Module):
             raise ValueError(f"AlignMaskNet: active_levels must be a prefix of levels {self.level_list}, got {active}")
         return active
 
+    def reconstruction_error(self, G, codes: torch.Tensor, image: torch.Tensor, noise=None) -> torch.Tensor:
+        """The error cue: mean over channels of |image - G(codes)| (B, 1, S, S), without gradients."""
+        with torch.no_grad():
+            plain = G.synthesize(codes, noise=noise, randomize_noise=False).image
+            return (image.to(plain.dtype) - plain).abs().mean(dim=1, keepdim=True)
+
     def forward(self, G, codes: torch.Tensor, taps: Mapping[str, torch.Tensor], image: torch.Tensor,
-                active_levels: Optional[Sequence[int]] = None, noise=None) -> AlignMaskOutput:
+                active_levels: Optional[Sequence[int]] = None, noise=None,
+                cue: Optional[torch.Tensor] = None) -> AlignMaskOutput:
         """Synthesise ``codes`` (B, L, D) with G, replacing ``G.upconv_modulated(r)`` at the active levels.
 
         taps: encoder features {"f0".."f4": (B, C, h, w)}; image: input x (B, 3, S, S), S = G.size
@@ -355,6 +375,10 @@ class AlignMaskNet(nn.Module):
         buffers; pass ``G.make_noise()``-style maps for random noise). Levels run coarse to fine inside the
         synthesis pass, each gated by the previous level's alpha. With no active level the output is the
         plain G output (mask 0).
+
+        With ``error_cue`` the alpha logits also receive a learned 3x3 map of the stage-1 reconstruction error
+        ``cue`` (B, 1, S, S) (default: ``reconstruction_error(G, codes, image)``; pass the error of the
+        *unedited* codes when ``codes`` are edited, so the mask stays the input's).
         """
         active = self._active(active_levels)
         if image.ndim != 4 or image.shape[-1] != G.size or image.shape[-2] != G.size:
@@ -365,11 +389,14 @@ class AlignMaskNet(nn.Module):
                 raise KeyError(f"AlignMaskNet: level {r} needs encoder tap {self.taps[r]!r}; got {sorted(taps)}")
         alphas: Dict[int, torch.Tensor] = {}
         flows: Dict[int, torch.Tensor] = {}
+        if self.error_cue and cue is None:
+            cue = self.reconstruction_error(G, codes, image, noise)
+        cue = cue if self.error_cue else None
 
         def make_edit(i, r):
             def edit(feature):
                 coarse = alphas[active[i - 1]] if i > 0 else None
-                res = self.levels[str(r)](feature, taps[self.taps[r]], coarse)
+                res = self.levels[str(r)](feature, taps[self.taps[r]], coarse, cue)
                 alphas[r], flows[r] = res.alpha, res.flow
                 return res.feature
             return edit

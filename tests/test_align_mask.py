@@ -244,9 +244,9 @@ def test_fine_level_is_gated_by_the_coarse_alpha_of_the_same_pass(tiny):
     seen = {}
     original = net.levels["16"].forward
 
-    def spy(feature, tap, coarse_alpha=None):
+    def spy(feature, tap, coarse_alpha=None, cue=None):
         seen["coarse"] = coarse_alpha
-        return original(feature, tap, coarse_alpha)
+        return original(feature, tap, coarse_alpha, cue)
 
     net.levels["16"].forward = spy
     with torch.no_grad():
@@ -304,3 +304,23 @@ def test_alpha_init_sets_the_starting_mask_and_survives_export(tiny, tmp_path):
     assert net.config["alpha_init"] == -2.0
     with torch.no_grad():
         torch.testing.assert_close(net(G, codes, taps, image).mask.mean(), low)
+
+
+def test_error_cue_reaches_the_alpha_logits_and_defaults_to_the_reconstruction_error(tiny):
+    G, _, codes, taps, image = tiny
+    net = make_net(tiny, error_cue=True)
+    with torch.no_grad():
+        base = net(G, codes, taps, image)
+        for level in net.levels.values():  # a positive cue gain: more error -> more mask
+            level.align.cue.weight.fill_(1.0)
+        err = net.reconstruction_error(G, codes, image)
+        default = net(G, codes, taps, image)
+        explicit = net(G, codes + 1.0, taps, image, cue=err)  # an edited code keeps the input's cue
+        zero = net(G, codes, taps, image, cue=torch.zeros_like(err))
+    assert err.shape == (2, 1, 64, 64)
+    torch.testing.assert_close(zero.mask, base.mask)  # zero cue: the official logits
+    assert default.mask.mean() > base.mask.mean()
+    torch.testing.assert_close(explicit.mask, default.mask, atol=0.05, rtol=0)  # mask from the input's cue...
+    assert not torch.allclose(explicit.generated, default.generated)  # ...while the edit changes the generation
+    with pytest.raises(ValueError, match="error_cue=True"):
+        net.levels["8"].align(torch.zeros(1, 32, 8, 8), torch.zeros(1, 32, 8, 8))
