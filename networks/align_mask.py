@@ -201,11 +201,15 @@ class AlignNet(nn.Module):
                     nn.init.zeros_(m.bias)
         with torch.no_grad():  # the alpha logit's starting offset: the last residual InstanceNorm's shift
             self.body[1].res[-1].bias[2] = float(alpha_init)
-        # optional: the stage-1 reconstruction error, un-normalised, added to the alpha logit (see AlignMaskNet)
+        # optional: the stage-1 reconstruction error, un-normalised, added to the alpha logit (see AlignMaskNet).
+        # Starts as "logit += 10 * error" (an error of 0.3 in [-1, 1] units lifts a -2 logit to +1): a prior the
+        # training then adjusts; from zero it grows too slowly at these learning rates (Adam moves it by ~lr).
         self.cue = nn.Conv2d(1, 1, 3, padding=1) if error_cue else None
         if self.cue is not None:
             nn.init.zeros_(self.cue.weight)
             nn.init.zeros_(self.cue.bias)
+            with torch.no_grad():
+                self.cue.weight[0, 0, 1, 1] = 10.0
 
     def forward(self, source: torch.Tensor, target: torch.Tensor, cue: Optional[torch.Tensor] = None) -> torch.Tensor:
         s, e = self.norm(source), self.norm(target)

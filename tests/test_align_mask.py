@@ -310,17 +310,18 @@ def test_error_cue_reaches_the_alpha_logits_and_defaults_to_the_reconstruction_e
     G, _, codes, taps, image = tiny
     net = make_net(tiny, error_cue=True)
     with torch.no_grad():
-        base = net(G, codes, taps, image)
-        for level in net.levels.values():  # a positive cue gain: more error -> more mask
-            level.align.cue.weight.fill_(1.0)
         err = net.reconstruction_error(G, codes, image)
         default = net(G, codes, taps, image)
         explicit = net(G, codes + 1.0, taps, image, cue=err)  # an edited code keeps the input's cue
         zero = net(G, codes, taps, image, cue=torch.zeros_like(err))
-    assert err.shape == (2, 1, 64, 64)
-    torch.testing.assert_close(zero.mask, base.mask)  # zero cue: the official logits
-    assert default.mask.mean() > base.mask.mean()
+        for level in net.levels.values():  # without the cue path: the official logits
+            level.align.cue = None
+        net.error_cue = False
+        official = net(G, codes, taps, image)
+    assert err.shape == (2, 1, 64, 64) and err.min() >= 0
+    torch.testing.assert_close(zero.mask, official.mask)
+    assert default.mask.mean() > official.mask.mean()  # the initial prior: more error -> more mask
     torch.testing.assert_close(explicit.mask, default.mask, atol=0.05, rtol=0)  # mask from the input's cue...
     assert not torch.allclose(explicit.generated, default.generated)  # ...while the edit changes the generation
     with pytest.raises(ValueError, match="error_cue=True"):
-        net.levels["8"].align(torch.zeros(1, 32, 8, 8), torch.zeros(1, 32, 8, 8))
+        make_net(tiny, error_cue=True).levels["8"].align(torch.zeros(1, 32, 8, 8), torch.zeros(1, 32, 8, 8))
