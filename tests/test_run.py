@@ -222,10 +222,10 @@ def test_help_lists_experiments_groups_and_main_keys(tmp_path):
                  "data.root=PATH", "evaluate=true"):
         assert text in result.stdout
     exp_line = next(line for line in result.stdout.splitlines() if line.startswith("exp: "))
-    assert {"stylegan", "e4e", "psp", "ood_blend"} <= set(exp_line[5:].split(", "))
+    assert {"stylegan", "e4e", "psp", "ood_blend", "dhr", "pti", "feature_only"} <= set(exp_line[5:].split(", "))
 
 
-@pytest.mark.parametrize("args, expected", [(["+exp=nope"], "Available experiments: e4e, ood_blend, psp, stylegan"),
+@pytest.mark.parametrize("args, expected", [(["+exp=nope"], "Available experiments: dhr, e4e, feature_only, ood_blend, psp, pti, stylegan"),
                                             (["exp=stylegan"], "Write +exp=stylegan")])
 def test_script_rejects_bad_exp_without_traceback(tmp_path, args, expected):
     result = run_script(*args, cwd=tmp_path)
