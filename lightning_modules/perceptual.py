@@ -116,6 +116,22 @@ class LPIPSLoss(nn.Module):
         super().train(False)
         return self
 
+    def style_distance(self, x: Tensor, y: Tensor) -> Tensor:
+        """Gram-matrix style distance (B,) of images (B, 3, H, W) in [-1, 1] on the backbone's LPIPS layers: per
+        layer the L1 distance of the Gram matrices normalised by C*H*W (BasicSR's style loss, here on the LPIPS
+        backbone), summed over layers. Only meaningful with real backbone weights (``metric_name == "lpips"``)."""
+        if min(x.shape[-2:]) < MIN_SIZE:
+            x, y = (_upsample(t) for t in (x, y))
+        fx = self.net.net.forward(self.net.scaling_layer(x))
+        fy = self.net.net.forward(self.net.scaling_layer(y))
+        total = x.new_zeros(x.shape[0])
+        for a, b in zip(fx, fy):
+            n, c, h, w = a.shape
+            ga = a.reshape(n, c, h * w) @ a.reshape(n, c, h * w).transpose(1, 2) / (c * h * w)
+            gb = b.reshape(n, c, h * w) @ b.reshape(n, c, h * w).transpose(1, 2) / (c * h * w)
+            total = total + (ga - gb).abs().mean(dim=(1, 2))
+        return total
+
     def spatial_map(self, x: Tensor, y: Tensor) -> Tensor:
         """Per-pixel LPIPS (B, 1, H, W) of images (B, 3, H, W): the sum over layers of each layer's distance map,
         upsampled to the input size (lpips ``spatial=True``); DHR's error map. Its spatial mean is LPIPS."""

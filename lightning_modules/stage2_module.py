@@ -66,7 +66,9 @@ class AlignMaskModule(pl.LightningModule):
             3x3 conv (not in the official model; see ``networks.align_mask.AlignMaskNet``).
         level_milestones: step at which each level becomes active (one per level, first 0).
         lr, betas: Adam of the trainable network and of the discriminator (official 2e-5, (0, 0.99)).
-        pixel, perceptual, identity_weight, adversarial, binarization, area: loss weights.
+        pixel, perceptual, style, identity_weight, adversarial, binarization, area: loss weights (official 1, 1,
+            50, 0.1, 0.5, 0.2 = 5 masks x 0.04, 5). The style (Gram) loss runs only with real LPIPS backbone
+            weights: Gram matrices of a random backbone mean nothing.
         area_limits: per-level limits of the mean mask (keys: level resolution or "fused").
         lpips, identity: ``LPIPSLoss`` / ``IDLoss`` kwargs.
         ema_decay: EMA of the trainable network (official 0.5 ** (32 / 10000)).
@@ -85,8 +87,8 @@ class AlignMaskModule(pl.LightningModule):
                  blur_padding: str = "replicate", alpha_init: float = 0.0, error_cue: bool = False,
                  level_milestones: Optional[Sequence[int]] = None,
                  lr: float = 2e-5, betas: Sequence[float] = (0.0, 0.99), pixel: float = 1.0,
-                 perceptual: float = 1.0, identity_weight: float = 0.0, adversarial: float = 0.5,
-                 binarization: float = 0.04, area: float = 5.0, area_limits: Optional[Mapping] = None,
+                 perceptual: float = 1.0, style: float = 50.0, identity_weight: float = 0.0, adversarial: float = 0.5,
+                 binarization: float = 0.2, area: float = 5.0, area_limits: Optional[Mapping] = None,
                  lpips: Optional[dict] = None, identity: Optional[dict] = None, ema_decay: float = 0.99778,
                  discriminator: Optional[dict] = None, n_grid: int = 8, train_patches: Optional[dict] = None,
                  edit: Optional[dict] = None):
@@ -240,6 +242,9 @@ class AlignMaskModule(pl.LightningModule):
         if hp.perceptual > 0:
             parts[self.lpips.metric_name] = self.lpips(out.output, x).mean()
             loss = loss + hp.perceptual * parts[self.lpips.metric_name]
+        if hp.style > 0 and self.lpips.metric_name == "lpips":
+            parts["style"] = self.lpips.style_distance(out.output, x).mean()
+            loss = loss + hp.style * parts["style"]
         if self.id_loss is not None:
             parts[self.id_loss.metric_name] = self.id_loss(out.output, x).mean()
             loss = loss + hp.identity_weight * parts[self.id_loss.metric_name]

@@ -248,3 +248,16 @@ def test_build_fid_extractor_kinds_and_errors(tmp_path, monkeypatch):
     # a custom extractor drives fid_score: identical sets give ~0, different sets more
     same = fid.fid_score(x, x, feats)
     assert abs(same) < 1e-3 and fid.fid_score(x, images(4, size=x.shape[-1], seed=7), feats) > same
+
+
+def test_style_distance_is_zero_for_equal_images_and_differentiable():
+    from lightning_modules.perceptual import LPIPSLoss
+
+    loss = LPIPSLoss(allow_random_backbone=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    y = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    assert torch.allclose(loss.style_distance(x, x), torch.zeros(2))
+    d = loss.style_distance(y, x)
+    assert d.shape == (2,) and (d > 0).all()
+    d.sum().backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
