@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -92,9 +93,21 @@ def config(path) -> Dict[str, Any]:
     return out
 
 
-def run_file(run_dir) -> Path:
-    """The ``run-*.wandb`` file of an offline run directory (``.../wandb/offline-run-*``)."""
-    found = sorted(Path(run_dir).glob("run-*.wandb"))
-    if not found:
-        raise FileNotFoundError(f"{run_dir}: no run-*.wandb file")
-    return found[-1]
+def run_file(run_dir, timeout: float = 30.0) -> Path:
+    """The ``run-*.wandb`` file of an offline run directory (``.../wandb/offline-run-*``), once complete.
+
+    ``run.finish()`` can return before W&B's core process has written the last records, so this waits
+    (up to ``timeout`` seconds) until the file holds the run's ``exit`` record.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        found = sorted(Path(run_dir).glob("run-*.wandb"))
+        if found:
+            try:
+                if any(r.WhichOneof("record_type") == "exit" for r in read_records(found[-1])):
+                    return found[-1]
+            except Exception:  # a record still being written: read again
+                pass
+        if time.monotonic() > deadline:
+            raise FileNotFoundError(f"{run_dir}: no complete run-*.wandb file after {timeout:.0f} s")
+        time.sleep(0.2)
