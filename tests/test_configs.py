@@ -127,3 +127,19 @@ def test_wandb_logger_offline_by_default_into_the_run_dir(compose_cfg, monkeypat
     assert cfg.logger.wandb.mode == "online"
     none = raw_compose(["logger=none", "callbacks=none"])
     assert instantiate_loggers(none.logger) == [] and instantiate_callbacks(none.callbacks) == []
+
+
+def test_wandb_sweep_file_drives_run_py_with_valid_overrides(compose_cfg):
+    import itertools
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    sweep = yaml.safe_load((root / "experiments" / "sweeps" / "dhr.yaml").read_text())
+    assert (root / sweep["program"]).is_file()
+    assert sweep["command"][-2:] == ["+exp=dhr", "${args_no_hyphens}"]
+    names = list(sweep["parameters"])
+    for values in itertools.product(*(sweep["parameters"][n]["values"] for n in names)):
+        cfg = compose_cfg(["+exp=dhr", *(f"{n}={v}" for n, v in zip(names, values))])
+        for name, value in zip(names, values):
+            assert OmegaConf.select(cfg, name) == value
