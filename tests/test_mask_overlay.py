@@ -1,4 +1,5 @@
-"""Mask overlays: colours, PNG files, and W&B mask layers read back from an offline run."""
+"""W&B callbacks read back from offline runs: mask overlays (colours, PNG files, mask layers) and metric tables."""
+import json
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,41 @@ def test_callback_writes_png_and_wandb_mask_layers(tmp_path, monkeypatch):
     assert row["test/masks/_type"] == "images/separated" and row["test/masks/count"] == 2
     assert [set(m) for m in row["test/masks/all_masks"]] == [{"prediction", "ground_truth"}] * 2
     assert all((run_dir / "files" / layer["path"]).is_file() for m in row["test/masks/all_masks"] for layer in m.values())
+
+
+class _Table(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        from lightning_modules.metrics import MetricTable
+
+        self.layer = torch.nn.Linear(1, 1)
+        self.test_table = MetricTable()
+        self.test_table.add(["a", "b"], {"psnr": torch.tensor([20.0, 30.0]), "iou@0.5": torch.tensor([0.5, float("nan")])})
+
+    def test_step(self, batch, batch_idx):
+        return None
+
+
+def test_wandb_metric_table_and_summary_read_back(tmp_path, monkeypatch):
+    from pytorch_lightning.loggers import WandbLogger
+
+    from callbacks.wandb_tables import WandbMetricTable
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="test", save_dir=str(tmp_path), offline=True)
+    trainer = pl.Trainer(accelerator="cpu", logger=logger, callbacks=[WandbMetricTable()], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.test(_Table(), torch.utils.data.DataLoader(torch.zeros(1, 1)), verbose=False)
+    run_dir = Path(logger.experiment.dir).parent
+    logger.experiment.finish()
+    path = run_file(run_dir)
+    row = next(r for r in history(path) if "test/per_image/_type" in r)
+    assert row["test/per_image/_type"] == "table-file" and row["test/per_image/nrows"] == 2
+    table = json.loads((run_dir / "files" / row["test/per_image/path"]).read_text())
+    assert table["columns"] == ["name", "psnr", "iou@0.5"]
+    assert table["data"] == [["a", 20.0, 0.5], ["b", 30.0, None]]
+    from tests.helpers.wandb_offline import summary
+
+    means = summary(path)
+    assert means["test_mean/psnr"] == 25.0 and means["test_mean/iou@0.5"] == 0.5
