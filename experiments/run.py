@@ -4,9 +4,12 @@ Runs from the repository root without installing (the root is put on sys.path). 
 experiments, config groups and main keys.
 
 Flow: check the command line -> compose the config (Hydra) -> check the run directory -> seed ->
-instantiate `data`, `model`, `callbacks`, `logger`, `trainer` -> `trainer.fit(model, datamodule, ckpt_path)`
--> on rank zero `model.export_handoff(run_dir)` (stage 0 writes `<run_dir>/generator.pt`) and print its path
--> with `evaluate=true`, `trainer.test` on the test split and per-image metrics in `<run_dir>/metrics/`.
+instantiate `data`, `model`, `callbacks`, `logger`, `trainer`, then by `mode`:
+- `train` (default): `trainer.fit(model, datamodule, ckpt_path)` -> on rank zero `model.export_handoff(run_dir)`
+  (e.g. `<run_dir>/generator.pt`) and its path printed -> with `evaluate=true`, `trainer.test` on the test split,
+  per-image metrics in `<run_dir>/metrics/`;
+- `evaluate`: only that `trainer.test` (stage 3; or a trained run re-tested from `resume=true` / `ckpt_path`);
+- `invert`: `trainer.predict` over the images in `input=DIR`, per-image results under `output=DIR`.
 
 Run directory (`paths.run_dir`): `outputs/<task_name>/<YYYY-mm-dd_HH-MM-SS-ffffff>` by default (the
 SLURM job id instead of the time stamp under SLURM, so all ranks of one job agree). Choose it with

@@ -64,3 +64,24 @@ def load_edit_scorer(cfg: Mapping, style_dim: int) -> Optional[dict]:
     return {"direction": load_direction(Path(cfg["direction"]).expanduser(), dim=style_dim),
             "strength": float(cfg.get("strength", 3.0)), "attribute": str(cfg.get("attribute", "smile")),
             "classifier": classifier}
+
+
+def edited_codes(scorer: Mapping, codes: Tensor) -> Tensor:
+    """The evaluation edit of ``load_edit_scorer`` applied to W+ codes (B, L, D)."""
+    from networks.editing import apply_interfacegan
+
+    return apply_interfacegan(codes, scorer["direction"].to(codes.device), scorer["strength"])
+
+
+@torch.no_grad()
+def edit_scores(scorer: Mapping, before: Tensor, after: Tensor, source: Tensor,
+                ood_mask: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """Per-image (B,) scores of one edit: "edit_success" and "edit_change" (``attribute_change`` of the
+    scorer's attribute between ``before`` and ``after``) and, with a non-empty OOD mask, "edit_ood_psnr"
+    (``ood_preservation`` of the input ``source``)."""
+    score = attribute_change(scorer["classifier"].to(after.device), before, after, scorer["attribute"],
+                             direction=scorer["strength"])
+    out = {"edit_success": score["success"], "edit_change": score["change"]}
+    if ood_mask is not None and ood_mask.sum() > 0:
+        out["edit_ood_psnr"] = ood_preservation(source, after, ood_mask)
+    return out

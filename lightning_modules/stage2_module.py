@@ -28,18 +28,16 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 
 from datamodules.ood_patches import paste_random_patches
-from lightning_modules.edit_metrics import attribute_change, load_edit_scorer, ood_preservation
+from lightning_modules.edit_metrics import edit_scores, edited_codes, load_edit_scorer
 from lightning_modules.gan_losses import d_logistic_loss, g_nonsaturating_loss
 from lightning_modules.metrics import MetricTable, image_metrics, mask_metrics, method_comparison
 from lightning_modules.perceptual import LPIPSLoss
 from lightning_modules.plain import to_plain
+from lightning_modules.stage1_handoff import FrozenStage1
 from lightning_modules.stage1_module import batch_images
 from lightning_modules.steps import uncounted_step
 from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
 from networks.checkpoints import CheckpointError, load_generator
-from networks.editing import apply_interfacegan
-from networks.encoder_checkpoints import load_e4e_checkpoint
-from networks.encoders import resize_to_encoder
 from networks.stylegan2 import Discriminator
 
 PRODUCED_BY = "stage2 AlignMaskModule"
@@ -51,7 +49,7 @@ SUMMARY_COLUMNS = [("psnr", "PSNR"), ("ssim", "SSIM"), ("mse", "MSE"), ("psnr_in
 Tensor = torch.Tensor
 
 
-class AlignMaskModule(pl.LightningModule):
+class AlignMaskModule(FrozenStage1, pl.LightningModule):
     """Trains the alignment + mask levels on top of a frozen stage-1 encoder and generator.
 
     Args:
@@ -95,12 +93,7 @@ class AlignMaskModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.encoder_checkpoint = str(encoder_checkpoint)
-        loaded = load_e4e_checkpoint(Path(self.encoder_checkpoint).expanduser())
-        self.encoder, self.generator = loaded.encoder.eval(), loaded.generator.eval()
-        self.encoder.requires_grad_(False)
-        self.generator.requires_grad_(False)
-        self.register_buffer("latent_avg", loaded.latent_avg.float().clone())
+        self.load_stage1(encoder_checkpoint)
         if generator_checkpoint:
             self._check_same_generator(Path(generator_checkpoint).expanduser())
 
@@ -142,20 +135,15 @@ class AlignMaskModule(pl.LightningModule):
         step = int(self.global_step if step is None else step)
         return [r for r, m in zip(self.level_list, self.milestones) if step >= m]
 
-    @torch.no_grad()
-    def encode(self, images: Tensor):
-        """Images (B, 3, S, S) -> (W+ codes (B, L, D) with latent_avg, encoder taps {"f0".."f4"})."""
-        x = resize_to_encoder(images, int(self.encoder.config["input_size"]))
-        codes, taps = self.encoder.forward_features(x)
-        return codes + self.latent_avg.unsqueeze(0), taps
-
-    def run(self, images: Tensor, codes: Optional[Tensor] = None, use_ema: bool = True, active_levels=None):
+    def run(self, images: Tensor, codes: Optional[Tensor] = None, use_ema: bool = True, active_levels=None,
+            encoded=None):
         """Invert ``images``: ``AlignMaskOutput`` (output, generated, mask, alphas, flows).
 
         ``codes`` (B, L, D) replaces the encoder's codes (e.g. an edited code: alignment and blending then
         run against the input, as the official editing does); the taps always come from ``images``.
+        ``encoded``: ``self.encode(images)`` when the caller already has it.
         """
-        enc_codes, taps = self.encode(images)
+        enc_codes, taps = encoded if encoded is not None else self.encode(images)
         net = self.net_ema if use_ema else self.net
         cue = net.reconstruction_error(self.generator, enc_codes, images) if net.error_cue else None
         return net(self.generator, enc_codes if codes is None else codes, taps, images,
@@ -275,8 +263,9 @@ class AlignMaskModule(pl.LightningModule):
         x = batch_images(batch)
         gt = batch.get("ood_mask") if isinstance(batch, Mapping) else None
         target = batch["clean"] if isinstance(batch, Mapping) and "clean" in batch else x
-        codes, _ = self.encode(x)
-        out = self.run(x, codes=codes)
+        encoded = self.encode(x)
+        codes = encoded[0]
+        out = self.run(x, encoded=encoded)
         stage1 = self.generator.synthesize(codes).image
         metrics: Dict[str, Tensor] = {}
         for prefix, image in (("", out.output), ("stage1_", stage1)):
@@ -292,16 +281,12 @@ class AlignMaskModule(pl.LightningModule):
         if gt is not None:
             rows["ood_mask"] = gt
         if with_edit and self.edit is not None:
-            classifier = self.edit["classifier"].to(x.device)
-            edited_codes = apply_interfacegan(codes, self.edit["direction"].to(x.device), self.edit["strength"])
-            edited = self.run(x, codes=edited_codes).output  # alignment and blending against the input (official)
-            edited_stage1 = self.generator.synthesize(edited_codes).image
+            new_codes = edited_codes(self.edit, codes)
+            edited_stage1 = self.generator.synthesize(new_codes).image
+            # alignment and blending against the input (official)
+            edited = self.run(x, codes=new_codes, encoded=encoded).output
             for prefix, before, after in (("", out.output, edited), ("stage1_", stage1, edited_stage1)):
-                score = attribute_change(classifier, before, after, self.edit["attribute"],
-                                         direction=self.edit["strength"])
-                metrics[f"{prefix}edit_success"], metrics[f"{prefix}edit_change"] = score["success"], score["change"]
-                if gt is not None and gt.sum() > 0:
-                    metrics[f"{prefix}edit_ood_psnr"] = ood_preservation(x, after, gt)
+                metrics.update({prefix + k: v for k, v in edit_scores(self.edit, before, after, x, gt).items()})
             rows.update({"stage1_edit": edited_stage1, "edit": edited})
         names = list(batch["name"]) if isinstance(batch, Mapping) and "name" in batch else \
             [f"{batch_idx}_{i}" for i in range(x.shape[0])]

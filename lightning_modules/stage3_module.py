@@ -24,26 +24,25 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules.edit_metrics import attribute_change, load_edit_scorer, ood_preservation
+from lightning_modules.edit_metrics import edit_scores, edited_codes, load_edit_scorer
 from lightning_modules.inversion_writer import InversionWriter
 from lightning_modules.metrics import MetricTable, image_metrics, mask_metrics, method_comparison
 from lightning_modules.perceptual import LPIPSLoss
 from lightning_modules.plain import to_plain
 from lightning_modules.projection import project
+from lightning_modules.stage1_handoff import FrozenStage1
 from lightning_modules.stage1_module import batch_images
 from networks.align_mask import load_align_mask
 from networks.checkpoints import CheckpointError
 from networks.domain_segmentation import (SEGMENTATION_SOURCES, align_mask_in_domain, combine_sources,
                                           error_superpixel_mask, superpixels)
 from networks.editing import apply_ganspace, apply_interfacegan, load_direction, load_ganspace
-from networks.encoder_checkpoints import load_e4e_checkpoint
-from networks.encoders import resize_to_encoder
 from networks.hybrid_refine import WEIGHT_FORMATS, RefineConfig, RefineState, decode, hybrid_refine, state_for_image
 
 Tensor = torch.Tensor
@@ -73,7 +72,7 @@ def _merge(defaults: Mapping, given: Optional[Mapping]) -> Dict[str, Any]:
     return out
 
 
-class RefineModule(pl.LightningModule):
+class RefineModule(FrozenStage1, pl.LightningModule):
     """Per-image inversion + refinement of stage 3 (see the module docstring for the methods).
 
     Args:
@@ -109,12 +108,7 @@ class RefineModule(pl.LightningModule):
             raise ValueError(f"model.method={method!r} is not a stage-3 method; choose one of {', '.join(METHODS)}")
         self.save_hyperparameters()
         self.method = method
-        self.encoder_checkpoint = str(encoder_checkpoint)
-        loaded = load_e4e_checkpoint(Path(self.encoder_checkpoint).expanduser())
-        self.encoder, self.generator = loaded.encoder.eval(), loaded.generator.eval()
-        self.encoder.requires_grad_(False)
-        self.generator.requires_grad_(False)
-        self.register_buffer("latent_avg", loaded.latent_avg.float().clone())
+        self.load_stage1(encoder_checkpoint)
         self.segmentation = _merge(SEGMENTATION_DEFAULTS, segmentation)
         if self.segmentation["source"] not in SEGMENTATION_SOURCES:
             raise ValueError(f"model.segmentation.source={self.segmentation['source']!r}; choose one of "
@@ -132,7 +126,6 @@ class RefineModule(pl.LightningModule):
         self.writer = InversionWriter(output_dir) if output_dir else None
         self.test_table = MetricTable()
         self.grid_batch: Optional[Dict[str, Tensor]] = None
-        self.failed: List[str] = []
 
     # ------------------------------------------------------------------ set-up helpers
     def _refine_config(self, refine: dict, pti: dict, feature_only: dict) -> Optional[RefineConfig]:
@@ -212,12 +205,6 @@ class RefineModule(pl.LightningModule):
         return out
 
     # ------------------------------------------------------------------ public API
-    @torch.no_grad()
-    def encode(self, images: Tensor):
-        """Images (B, 3, S, S) -> (W+ codes (B, L, D) with latent_avg, encoder taps {"f0".."f4"})."""
-        codes, taps = self.encoder.forward_features(resize_to_encoder(images, int(self.encoder.config["input_size"])))
-        return codes + self.latent_avg.unsqueeze(0), taps
-
     def segment(self, images: Tensor, codes: Tensor, taps: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         """Domain-specific segmentation of images (B, 3, S, S): {"in_domain" (B, 1, S, S) in {0, 1}, plus the
         sources used: "error_map", "error_in_domain", "align_mask" (1 = OOD)}."""
@@ -295,7 +282,7 @@ class RefineModule(pl.LightningModule):
         return None  # per-image optimisers live inside networks.hybrid_refine / lightning_modules.projection
 
     def on_test_epoch_start(self) -> None:
-        self.test_table, self.failed = MetricTable(), []
+        self.test_table = MetricTable()
 
     def test_step(self, batch, batch_idx: int) -> None:
         with torch.inference_mode(False), torch.enable_grad():
@@ -328,7 +315,7 @@ class RefineModule(pl.LightningModule):
             keep = [todo[i] for i in torch.nonzero(finite).flatten().tolist()]
             if not keep:
                 return
-            x = batch["image"][keep].clone()
+            x = x[finite]
             start = time.perf_counter()
             result = self.invert(x)
             seconds = (time.perf_counter() - start) / x.shape[0]
@@ -340,12 +327,12 @@ class RefineModule(pl.LightningModule):
             images = {"input": x[j], "reconstruction": result["output"][j]}
             if result["ood_mask"] is not None:
                 images["ood_mask"] = result["ood_mask"][j]
-            metrics = self._gt_metrics(name, x[j:j + 1], result["output"][j:j + 1], result["ood_mask"], j)
             extra = {"method": self.method, "seconds": seconds, "encoder_checkpoint": self.encoder_checkpoint}
             if failed:
                 self.writer.write(name, {}, {}, result["codes"][j], None, status="failed", extra=extra,
                                   reason="the refinement loss became NaN / inf; the image was stopped")
                 continue
+            metrics = self._gt_metrics(name, x[j:j + 1], result["output"][j:j + 1], result["ood_mask"], j)
             saved = None
             if state is not None:
                 saved = state_for_image(state, j, self.generator, weights=self.hparams.save_weights)
@@ -401,18 +388,12 @@ class RefineModule(pl.LightningModule):
         if gt is not None:
             rows["ood_mask"] = gt
         if self.edit is not None:
-            edited_codes = apply_interfacegan(result["codes"], self.edit["direction"].to(x.device), self.edit["strength"])
-            edited = self.render_edit(result, x, edited_codes)
-            score = attribute_change(self.edit["classifier"].to(x.device), out, edited, self.edit["attribute"],
-                                     direction=self.edit["strength"])
-            metrics["edit_success"], metrics["edit_change"] = score["success"], score["change"]
-            if gt is not None and gt.sum() > 0:
-                metrics["edit_ood_psnr"] = ood_preservation(x, edited, gt)
+            edited = self.render_edit(result, x, edited_codes(self.edit, result["codes"]))
+            metrics.update(edit_scores(self.edit, out, edited, x, gt))
             rows["edit"] = edited
         for key, value in metrics.items():  # a failed image reports NaN, not a number from a diverged state
             if key not in ("failed", "seconds") and value.dtype.is_floating_point:
                 metrics[key] = torch.where(failed.to(value.device), torch.full_like(value, float("nan")), value)
-        self.failed += [n for n, f in zip(names, failed.tolist()) if f]
         self.test_table.add(names, metrics)
         if batch_idx == 0:
             n = self.hparams.n_grid

@@ -7,21 +7,16 @@ import torch
 from datamodules.synthfaces import write_dataset
 from experiments.evaluate_stage1 import main
 from lightning_modules.edit_metrics import attribute_change, ood_preservation
-from networks.encoder_checkpoints import export_e4e_checkpoint
-from networks.encoders import build_encoder
-from networks.stylegan2 import Generator
 from networks.synthfaces_nets import AttributeClassifier
+from tests.helpers.tiny_stage1 import export_tiny_stage1
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_table_has_both_methods_and_per_image_files(tmp_path, capsys):
     data = write_dataset(tmp_path / "sf", n=40, size=32, seed=0, n_eval=6, log=lambda _: None)
-    torch.manual_seed(0)
-    g = Generator(32, style_dim=16, n_mlp=1, channel_max=16)
-    enc = build_encoder("e4e", n_styles=g.n_latent, style_dim=16, input_size=32, width=0.25, units=[1, 1, 1, 1])
-    latent_avg = g.mean_latent(64, seed=0).reshape(1, -1).repeat(g.n_latent, 1)
-    path = export_e4e_checkpoint(tmp_path / "encoder.pt", enc, g, latent_avg)
+    path = export_tiny_stage1(tmp_path / "encoder.pt", size=32, style_dim=16, n_mlp=1, channel_multiplier=2,
+                              channel_max=16).path
     out = tmp_path / "report" / "stage1.md"
     results = main(["--encoder", str(path), "--data", str(data), "--n", "6", "--batch", "4",
                     "--projection-n", "2", "--projection-steps", "3", "--direction", "", "--out", str(out)])

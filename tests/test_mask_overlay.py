@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from callbacks.mask_overlay import MaskOverlay, overlay
-from tests.helpers.wandb_offline import history, run_file
+from tests.helpers.wandb_offline import history, run_file, summary
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -27,9 +27,13 @@ def test_overlay_tints_prediction_red_and_truth_green():
     torch.testing.assert_close(out[0, :, 3, 3], torch.full((3,), 0.5))  # untouched pixel
 
 
-class _Grid(pl.LightningModule):
+class _Evaluated(pl.LightningModule):
+    """What an inversion stage holds after testing: a mask grid and a per-image metric table."""
+
     def __init__(self):
         super().__init__()
+        from lightning_modules.metrics import MetricTable
+
         self.layer = torch.nn.Linear(1, 1)
         mask, gt = torch.zeros(2, 1, 16, 16), torch.zeros(2, 1, 16, 16)
         mask[0, :, 4:10, 4:10] = 0.9
@@ -37,22 +41,30 @@ class _Grid(pl.LightningModule):
         gt[0, :, 8:, :] = 1
         gt[1, :, :, 8:] = 1
         self.grid_batch = {"input": torch.rand(2, 3, 16, 16) * 2 - 1, "mask": mask, "ood_mask": gt}
+        self.test_table = MetricTable()
+        self.test_table.add(["a", "b"], {"psnr": torch.tensor([20.0, 30.0]), "iou@0.5": torch.tensor([0.5, float("nan")])})
 
     def test_step(self, batch, batch_idx):
         return None
 
 
-def test_callback_writes_png_and_wandb_mask_layers(tmp_path, monkeypatch):
+def offline_test_run(tmp_path, monkeypatch, callback) -> Path:
+    """``trainer.test`` of ``_Evaluated`` with ``callback`` and an offline W&B logger; returns the W&B run dir."""
     from pytorch_lightning.loggers import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = WandbLogger(project="test", save_dir=str(tmp_path), offline=True)
-    trainer = pl.Trainer(accelerator="cpu", logger=logger, callbacks=[MaskOverlay(run_dir=str(tmp_path))],
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
-    trainer.test(_Grid(), torch.utils.data.DataLoader(torch.zeros(1, 1)), verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", logger=logger, callbacks=[callback], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.test(_Evaluated(), torch.utils.data.DataLoader(torch.zeros(1, 1)), verbose=False)
     run_dir = Path(logger.experiment.dir).parent
     logger.experiment.finish()
+    return run_dir
+
+
+def test_callback_writes_png_and_wandb_mask_layers(tmp_path, monkeypatch):
+    run_dir = offline_test_run(tmp_path, monkeypatch, MaskOverlay(run_dir=str(tmp_path)))
     png = tmp_path / "masks" / "test_step_000000.png"
     assert Image.open(png).size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
     layers = sorted((run_dir / "files" / "media" / "images" / "mask").rglob("*.mask.png"))
@@ -66,39 +78,15 @@ def test_callback_writes_png_and_wandb_mask_layers(tmp_path, monkeypatch):
     assert all((run_dir / "files" / layer["path"]).is_file() for m in row["test/masks/all_masks"] for layer in m.values())
 
 
-class _Table(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        from lightning_modules.metrics import MetricTable
-
-        self.layer = torch.nn.Linear(1, 1)
-        self.test_table = MetricTable()
-        self.test_table.add(["a", "b"], {"psnr": torch.tensor([20.0, 30.0]), "iou@0.5": torch.tensor([0.5, float("nan")])})
-
-    def test_step(self, batch, batch_idx):
-        return None
-
-
 def test_wandb_metric_table_and_summary_read_back(tmp_path, monkeypatch):
-    from pytorch_lightning.loggers import WandbLogger
-
     from callbacks.wandb_tables import WandbMetricTable
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    logger = WandbLogger(project="test", save_dir=str(tmp_path), offline=True)
-    trainer = pl.Trainer(accelerator="cpu", logger=logger, callbacks=[WandbMetricTable()], enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=str(tmp_path))
-    trainer.test(_Table(), torch.utils.data.DataLoader(torch.zeros(1, 1)), verbose=False)
-    run_dir = Path(logger.experiment.dir).parent
-    logger.experiment.finish()
-    path = run_file(run_dir)
+    path = run_file(offline_test_run(tmp_path, monkeypatch, WandbMetricTable()))
+    run_dir = path.parent
     row = next(r for r in history(path) if "test/per_image/_type" in r)
     assert row["test/per_image/_type"] == "table-file" and row["test/per_image/nrows"] == 2
     table = json.loads((run_dir / "files" / row["test/per_image/path"]).read_text())
     assert table["columns"] == ["name", "psnr", "iou@0.5"]
     assert table["data"] == [["a", 20.0, 0.5], ["b", 30.0, None]]
-    from tests.helpers.wandb_offline import summary
-
     means = summary(path)
     assert means["test_mean/psnr"] == 25.0 and means["test_mean/iou@0.5"] == 0.5

@@ -3,10 +3,8 @@ import pytest
 import torch
 
 from datamodules.synthfaces import write_dataset
-from networks.encoder_checkpoints import export_e4e_checkpoint
-from networks.encoders import build_encoder
-from networks.stylegan2 import Generator
 from networks.synthfaces_nets import FaceParser, save_aux_net
+from tests.helpers.tiny_stage1 import export_tiny_stage1
 from tests.test_stage3 import files  # noqa: F401  (the fixture of tiny hand-offs)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -16,11 +14,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("scripts")
     data = write_dataset(root / "sf", n=40, size=32, seed=0, n_eval=6, log=lambda _: None)
-    torch.manual_seed(0)
-    g = Generator(32, style_dim=16, n_mlp=1, channel_max=16)
-    enc = build_encoder("e4e", n_styles=g.n_latent, style_dim=16, input_size=32, width=0.25, units=[1, 1, 1, 1])
-    latent_avg = g.mean_latent(64, seed=0).reshape(1, -1).repeat(g.n_latent, 1)
-    encoder = export_e4e_checkpoint(root / "encoder.pt", enc, g, latent_avg)
+    encoder = export_tiny_stage1(root / "encoder.pt", size=32, style_dim=16, n_mlp=1, channel_multiplier=2,
+                                 channel_max=16).path
     parser = save_aux_net(root / "parser.pt", FaceParser(resolution=32, widths=(4, 4, 4, 4)))
     return dict(data=str(data), encoder=str(encoder), parser=str(parser))
 

@@ -7,11 +7,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_modules.stage2_module import AlignMaskModule
 from networks.align_mask import load_align_mask
 from networks.checkpoints import CheckpointError, export_generator
-from networks.encoder_checkpoints import export_e4e_checkpoint
 from networks.editing import save_direction
-from networks.encoders import build_encoder
 from networks.stylegan2 import Generator
 from networks.synthfaces_nets import AttributeClassifier, save_aux_net
+from tests.helpers.tiny_stage1 import export_tiny_stage1
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 G_CFG = dict(size=64, style_dim=32, n_mlp=2, channel_multiplier=1, channel_max=32)
@@ -19,13 +18,10 @@ G_CFG = dict(size=64, style_dim=32, n_mlp=2, channel_multiplier=1, channel_max=3
 
 @pytest.fixture(scope="module")
 def stage1_file(tmp_path_factory):
-    torch.manual_seed(0)
-    g = Generator(**G_CFG)
-    enc = build_encoder("e4e", n_styles=g.n_latent, style_dim=32, input_size=64, width=0.25, units=[1, 1, 1, 1])
-    latent_avg = g.mean_latent(256, seed=0).reshape(1, -1).repeat(g.n_latent, 1)
     root = tmp_path_factory.mktemp("stage1")
-    export_generator(root / "generator.pt", g, latent_avg[0])
-    return export_e4e_checkpoint(root / "encoder.pt", enc, g, latent_avg)
+    tiny = export_tiny_stage1(root / "encoder.pt")
+    export_generator(root / "generator.pt", tiny.generator, tiny.latent_avg[0])
+    return tiny.path
 
 
 def make_module(stage1_file, **kwargs):

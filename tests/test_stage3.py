@@ -13,11 +13,10 @@ from lightning_modules.stage3_module import METHODS, RefineModule
 from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
 from networks.checkpoints import CheckpointError
 from networks.editing import save_direction
-from networks.encoder_checkpoints import export_e4e_checkpoint
-from networks.encoders import build_encoder
 from networks.hybrid_refine import decode, state_from_images
 from networks.stylegan2 import Generator
 from networks.synthfaces_nets import AttributeClassifier, FaceParser, save_aux_net
+from tests.helpers.tiny_stage1 import export_tiny_stage1
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 G_CFG = dict(size=64, style_dim=32, n_mlp=2, channel_multiplier=1, channel_max=32)
@@ -27,12 +26,8 @@ FAST = dict(refine=dict(weight_steps=2, feature_steps=3, feature_resolution=16),
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("stage3")
-    g = Generator(**G_CFG)
-    enc = build_encoder("e4e", n_styles=g.n_latent, style_dim=32, input_size=64, width=0.25, units=[1, 1, 1, 1])
-    latent_avg = g.mean_latent(256, seed=0).reshape(1, -1).repeat(g.n_latent, 1)
-    encoder = export_e4e_checkpoint(root / "encoder.pt", enc, g, latent_avg)
+    encoder, g, enc, _ = export_tiny_stage1(root / "encoder.pt")
     net = AlignMaskNet(dict(g.channels), dict(enc.feature_channels), default_levels(64), 64)
     align = save_align_mask(root / "align_mask.pt", net, {"generator": dict(g.config)})
     other = Generator(**dict(G_CFG, channel_max=16))
