@@ -51,19 +51,22 @@ from experiments.utils import (  # noqa: E402
     previous_wandb_id,
     report_user_errors,
 )
+from experiments.utils.chain import run_chain  # noqa: E402
 from experiments.utils.cli import available_exps, check_command_line  # noqa: E402
+from experiments.utils.run_lock import run_dir_lock  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MODES = ("train", "evaluate", "invert")
 log = get_logger(__name__)
 
 
-def save_run_configs(cfg: DictConfig, run_dir: Path) -> None:
-    """Writes `config.yaml` (resolved) and `.hydra/{config,overrides}.yaml` (as composed) into `run_dir`."""
+def save_run_configs(cfg: DictConfig, run_dir: Path, command: list[str]) -> None:
+    """Writes `config.yaml` (resolved) and `.hydra/{config,overrides}.yaml` (as composed; `command` = the
+    overrides) into `run_dir`."""
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     (run_dir / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), run_dir / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create(list(command)), run_dir / ".hydra" / "overrides.yaml")
 
 
 def finish_wandb() -> None:
@@ -74,14 +77,34 @@ def finish_wandb() -> None:
 
 
 def train(cfg: DictConfig) -> Path | None:
-    """Runs one experiment from a composed config; returns the hand-off file path (rank zero) or None."""
-    import pytorch_lightning as pl
+    """Runs one experiment from a composed config (with a `chain`: its earlier stages first); returns the hand-off
+    file path (rank zero) or None."""
     from pytorch_lightning.utilities import rank_zero_only
 
     if HydraConfig.get().runtime.choices.get("exp") is None:
         raise UserError(f"No experiment given: add +exp=<name>. Available: {', '.join(available_exps(CONFIG_DIR))}.")
     # Hydra's output dir is the truth: it differs from paths.run_dir under multirun and in DDP child processes.
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+    command = list(HydraConfig.get().overrides.task)
+    is_zero = rank_zero_only.rank == 0
+    with run_dir_lock(run_dir, enabled=is_zero):
+        if cfg.get("chain"):
+            records = run_chain(cfg, run_dir, command, CONFIG_DIR, run_stage, is_zero=is_zero)
+            if is_zero:
+                for rec in records:
+                    log.info(f"Chain stage {rec.name}: {rec.source} {rec.path}")
+        return run_stage(cfg, run_dir, command)
+
+
+def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None:
+    """Runs one stage in `run_dir` (train / evaluate / invert by `cfg.mode`); returns the hand-off path (rank zero,
+    mode=train) or None. `command`: the overrides that composed `cfg` (saved in `.hydra/overrides.yaml`)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities import rank_zero_only
+
+    finish_wandb()  # a chain's earlier stage had its own W&B run
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
     OmegaConf.to_container(cfg, resolve=True)  # fail now on ??? values / bad interpolations, not mid-run
@@ -115,7 +138,7 @@ def train(cfg: DictConfig) -> Path | None:
     if is_zero:
         for path in apply_run_dir_plan(plan):
             log.warning(f"overwrite=true: deleted {path}")
-        save_run_configs(cfg, run_dir)
+        save_run_configs(cfg, run_dir, command)
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if ckpt_path:
@@ -134,6 +157,7 @@ def train(cfg: DictConfig) -> Path | None:
     if trainer.is_global_zero:
         path = Path(model.export_handoff(run_dir))
         print(f"Hand-off written: {path}")
+    trainer.strategy.barrier("handoff")  # the other ranks may load the hand-off next (a chain's next stage)
     if cfg.get("evaluate"):  # every rank takes part in trainer.test
         evaluate(trainer, model, datamodule, run_dir)
     return path

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_modules.gan_losses import d_logistic_loss, g_nonsaturating_loss, r1_penalty
-from lightning_modules.metrics import MetricTable, image_metrics
+from lightning_modules.metrics import MetricTable, image_metrics, loader_size
 from lightning_modules.perceptual import LPIPSLoss
 from lightning_modules.plain import to_plain
 from lightning_modules.steps import uncounted_step
-from networks.checkpoints import CheckpointError, load_generator
+from networks.checkpoints import CheckpointError, generator_fingerprint, load_generator
 from networks.encoder_checkpoints import export_e4e_checkpoint, load_e4e_checkpoint
 from networks.encoders import build_encoder, resize_to_encoder
 from networks.latent_discriminator import LatentCodesDiscriminator
@@ -171,6 +171,7 @@ class EncoderModule(pl.LightningModule):
             "generator_config": to_plain(dict(self.generator.config)),
             "produced_by": PRODUCED_BY, "global_step": int(self.global_step),
             "generator_checkpoint": self.generator_checkpoint,
+            "generator_sha1": generator_fingerprint(self.generator),
             "module": to_plain({k: v for k, v in self.hparams.items() if k not in ("encoder",)}),
         }
         return export_e4e_checkpoint(Path(run_dir) / "encoder.pt", self.encoder, self.generator,
@@ -224,6 +225,8 @@ class EncoderModule(pl.LightningModule):
         self._val_table = MetricTable()
 
     def on_validation_epoch_end(self) -> None:
+        # every rank's rows (DDP): exact means, not a mean of per-rank means over a padded split
+        self._val_table = self._val_table.gathered(loader_size(self.trainer.val_dataloaders))
         means = self._val_table.mean()
         if means:
             self.log_dict({f"val/{k}": float(v) for k, v in means.items()}, sync_dist=True)
@@ -246,6 +249,8 @@ class EncoderModule(pl.LightningModule):
         self.test_table = MetricTable()
 
     def on_test_epoch_end(self) -> None:
+        # every rank's rows (DDP), so test_table and the logged means equal one process's
+        self.test_table = self.test_table.gathered(loader_size(self.trainer.test_dataloaders))
         self.log_dict({f"test/{k}": float(v) for k, v in self.test_table.mean().items()}, sync_dist=True)
 
     # ------------------------------------------------------------------ internals

@@ -150,7 +150,7 @@ def export_generator(path, g_ema: Generator, latent_avg: torch.Tensor, *, g: Opt
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt: Dict[str, Any] = {"g_ema": _cpu_state(g_ema), "latent_avg": latent_avg.detach().reshape(-1).cpu()}
-    info = {"generator": dict(g_ema.config)}
+    info = {"generator": dict(g_ema.config), "generator_sha1": generator_fingerprint(g_ema)}
     if g is not None:
         ckpt["g"] = _cpu_state(g)
     if d is not None:
@@ -159,6 +159,18 @@ def export_generator(path, g_ema: Generator, latent_avg: torch.Tensor, *, g: Opt
     info.update(meta or {})
     ckpt["meta"] = info
     return save_atomic(ckpt, path)
+
+
+def generator_fingerprint(generator: nn.Module) -> str:
+    """SHA-1 (hex) of a generator's state dict (keys in order, float32 values): two files hold the same generator
+    exactly when the fingerprints agree. Hand-offs record it so a later stage can refuse another run's generator."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for key, value in sorted(generator.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:
