@@ -51,8 +51,10 @@ from experiments.utils import (  # noqa: E402
     previous_wandb_id,
     report_user_errors,
 )
+from callbacks.handoff_artifact import log_handoff_artifact  # noqa: E402
 from experiments.utils.chain import run_chain  # noqa: E402
 from experiments.utils.cli import available_exps, check_command_line  # noqa: E402
+from experiments.utils.distributed import RankFailureGuard  # noqa: E402
 from experiments.utils.run_lock import run_dir_lock  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -141,6 +143,8 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
         save_run_configs(cfg, run_dir, command)
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+            log_used_handoffs(cfg)
     if ckpt_path:
         log.info(f"Starting from checkpoint {ckpt_path}")
 
@@ -157,10 +161,25 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
     if trainer.is_global_zero:
         path = Path(model.export_handoff(run_dir))
         print(f"Hand-off written: {path}")
+        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+            log_handoff_artifact(path)  # online only (see callbacks/handoff_artifact.py)
     trainer.strategy.barrier("handoff")  # the other ranks may load the hand-off next (a chain's next stage)
     if cfg.get("evaluate"):  # every rank takes part in trainer.test
         evaluate(trainer, model, datamodule, run_dir)
     return path
+
+
+HANDOFF_KEYS = (("model.generator_checkpoint", "generator"), ("model.encoder_checkpoint", "encoder"),
+                ("model.align_mask_checkpoint", "align_mask"))
+
+
+def log_used_handoffs(cfg: DictConfig) -> None:
+    """Logs the hand-off files this stage loads as W&B input artifacts (online runs only), so W&B's lineage graph
+    links the stages of a chain."""
+    for key, kind in HANDOFF_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value and Path(str(value)).expanduser().is_file():
+            log_handoff_artifact(value, kind, used=True)
 
 
 def invert_datamodule(cfg: DictConfig):
@@ -210,9 +229,15 @@ def evaluate(trainer, model, datamodule, run_dir: Path, ckpt_path: str | None = 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Hydra task: `train(cfg)` with user errors printed briefly, and W&B always finished."""
+    """Hydra task: `train(cfg)` with user errors printed briefly, a DDP process that dies reported with what is kept
+    and the command that continues (experiments/utils/distributed.py), and W&B always finished."""
+    script = Path(__file__).resolve()
+    if script.is_relative_to(Path.cwd()):
+        script = script.relative_to(Path.cwd())
+    guard = RankFailureGuard(Path(HydraConfig.get().runtime.output_dir).resolve(), HydraConfig.get().overrides.task,
+                             mode=cfg.get("mode") or "train", inversion_dir=lambda: cfg.get("output"), script=str(script))
     try:
-        with report_user_errors():
+        with guard, report_user_errors():
             train(cfg)
     finally:
         finish_wandb()

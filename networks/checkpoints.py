@@ -9,6 +9,7 @@ architecture is then inferred from the state-dict shapes.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -171,6 +172,23 @@ def generator_fingerprint(generator: nn.Module) -> str:
         digest.update(key.encode())
         digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def handoff_metadata(path) -> Dict[str, Any]:
+    """The record a hand-off file keeps of what produced it: its ``meta`` dict (generator, align_mask) or its
+    ``opts`` (encoder, e4e layout), made JSON-safe (non-JSON values as strings); {} for files without one, such
+    as official pickles that cannot be read without trusting them."""
+    try:  # mmap: a 1 GB generator file is not read just for its metadata
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        try:  # the legacy (non-zip) format has no mmap
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            return {}
+    if not isinstance(ckpt, Mapping):
+        return {}
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), Mapping) else ckpt.get("opts")
+    return json.loads(json.dumps(dict(meta), default=str)) if isinstance(meta, Mapping) else {}
 
 
 def _cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:

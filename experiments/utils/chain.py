@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments.utils.errors import UserError
 from experiments.utils.pylogger import get_logger
+from networks.checkpoints import handoff_metadata
 
 log = get_logger(__name__)
 CHAIN_RECORD = "chain.json"
@@ -70,15 +71,7 @@ def stage_dir(run_dir: Path, name: str) -> Path:
 def handoff_meta(path: Path) -> Dict[str, Any]:
     """What produced a hand-off file: producer, global step, source checkpoints, generator config and fingerprint
     (empty for files without such records, e.g. official checkpoints)."""
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # official pickles that need trust, unreadable files: the stage's own loader reports it
-        return {}
-    if not isinstance(ckpt, dict):
-        return {}
-    meta = dict(ckpt.get("meta") or ckpt.get("opts") or {})
+    meta = handoff_metadata(path)
     keep = ("produced_by", "global_step", "generator_checkpoint", "encoder_checkpoint", "init_checkpoint",
             "generator_sha1", "generator", "generator_config", "encoder_type")
     return {k: meta[k] for k in keep if k in meta}
