@@ -45,6 +45,7 @@ from experiments.utils import (  # noqa: E402
     UserError,
     apply_run_dir_plan,
     get_logger,
+    hpc_checkpoints,
     instantiate_callbacks,
     instantiate_loggers,
     plan_run_dir,
@@ -90,6 +91,7 @@ def train(cfg: DictConfig) -> Path | None:
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
     command = list(HydraConfig.get().overrides.task)
+    check_torchrun_run_dir(command)
     is_zero = rank_zero_only.rank == 0
     with run_dir_lock(run_dir, enabled=is_zero):
         if cfg.get("chain"):
@@ -98,6 +100,18 @@ def train(cfg: DictConfig) -> Path | None:
                 for rec in records:
                     log.info(f"Chain stage {rec.name}: {rec.source} {rec.path}")
         return run_stage(cfg, run_dir, command)
+
+
+def check_torchrun_run_dir(command: list[str]) -> None:
+    """Under torchrun with several processes (outside SLURM), every process would pick its own time-stamped run
+    directory: require an explicit `paths.run_dir`."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if os.environ.get("SLURM_JOB_ID") or any(o.lstrip("+").startswith(("paths.run_dir=", "hydra.run.dir="))
+                                              for o in command):
+        return
+    raise UserError("Under torchrun every process must write one run directory: pass paths.run_dir=DIR "
+                    "(the same on every node).")
 
 
 def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None:
@@ -161,6 +175,10 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
     if trainer.is_global_zero:
         path = Path(model.export_handoff(run_dir))
         print(f"Hand-off written: {path}")
+        # Finished: SLURM requeue checkpoints are stale now, and under SLURM Lightning's trainer.test(ckpt_path=None)
+        # would load the newest one instead of testing the trained weights.
+        for stale in hpc_checkpoints(run_dir):
+            stale.unlink()
         if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
             log_handoff_artifact(path)  # online only (see callbacks/handoff_artifact.py)
     trainer.strategy.barrier("handoff")  # the other ranks may load the hand-off next (a chain's next stage)

@@ -151,3 +151,14 @@ def test_two_runs_cannot_write_one_directory(tmp_path, compose_cfg):
         acquire_run_lock(run)  # held by this (live) process
     release_run_lock(path)
     assert not path.exists()
+
+
+def test_torchrun_without_a_run_dir_is_refused(compose_cfg, monkeypatch):
+    from experiments.run import train
+    from experiments.utils import UserError
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"Under torchrun .* pass paths.run_dir=DIR"):
+        train(compose_cfg(["+exp=dhr"]))

@@ -200,6 +200,9 @@ def run_chain(cfg: DictConfig, run_dir: Path, command: Sequence[str], config_dir
             OmegaConf.update(cfg, f"chain.{name}.checkpoint", records[name].path, merge=False)
             if spec.get("target"):
                 OmegaConf.update(cfg, spec["target"], records[name].path, merge=False)
+    if OmegaConf.select(cfg, "logger.wandb") is not None:  # the chain's W&B runs form one group
+        with open_dict(cfg):
+            cfg.logger.wandb.group = str(run_dir.name)
     if is_zero:
         write_chain_record(run_dir, [records[n] for n in names])
     return [records[n] for n in names]

@@ -17,6 +17,7 @@ from experiments.utils.errors import UserError
 
 CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
+_HPC_CKPT = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")  # Lightning's SLURM requeue checkpoints, in the run dir itself
 _WANDB_RUN = re.compile(r"^(?:offline-)?run-\d{8}_\d{6}-(?P<id>[A-Za-z0-9]+)$")
 
 
@@ -38,15 +39,22 @@ class RunDirPlan:
     remove: list[Path] = field(default_factory=list)
 
 
+def hpc_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Returns `<run_dir>/hpc_ckpt_<n>.ckpt` (saved by Lightning on SLURM's SIGUSR1 before a requeue), by n."""
+    found = [(int(m[1]), p) for p in Path(run_dir).glob("hpc_ckpt_*.ckpt") if (m := _HPC_CKPT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def previous_outputs(run_dir: Path) -> list[Path]:
-    """Returns the earlier-run outputs in `run_dir`: `checkpoints/` if it holds files, and top-level `*.pt` files."""
+    """Returns the earlier-run outputs in `run_dir`: `checkpoints/` if it holds files, top-level `*.pt` files and
+    Lightning's SLURM requeue checkpoints `hpc_ckpt_<n>.ckpt`."""
     run_dir = Path(run_dir)
     found = []
     ckpt_dir = run_dir / CKPT_DIR
     if ckpt_dir.is_dir() and any(p.is_file() for p in ckpt_dir.rglob("*")):
         found.append(ckpt_dir)
     found += sorted(p for p in run_dir.glob("*.pt") if p.is_file())
-    return found
+    return found + hpc_checkpoints(run_dir)
 
 
 def plan_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> RunDirPlan:
@@ -62,8 +70,11 @@ def plan_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> RunDi
     last = run_dir / CKPT_DIR / LAST_CKPT
     names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in previous)
     if resume:
-        if last.is_file():
-            return RunDirPlan(run_dir, ckpt_path=last, previous=previous)
+        # the newest state: a requeue checkpoint written at SLURM's signal is usually newer than last.ckpt
+        candidates = [p for p in (last, *hpc_checkpoints(run_dir)) if p.is_file()]
+        if candidates:
+            newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
+            return RunDirPlan(run_dir, ckpt_path=newest, previous=previous)
         if previous:
             raise RunDirError(
                 f"resume=true but {last} does not exist, although {run_dir} holds an earlier run's outputs "
