@@ -5,6 +5,10 @@ papers compute it on [-1, 1] images with data range 1, which reads 20 log10(2) =
 [0, 255] with a rounding step (methods.md §3.5); numbers here are never shifted to match them.
 SSIM is torchmetrics' (Gaussian window 11, sigma 1.5). Masked variants average the squared error and the
 SSIM map inside / outside a mask.
+
+Under DDP every process scores its share of the evaluation set; ``MetricTable.gathered`` puts the shares back
+together (dataset order, each image once, the sampler's padding dropped), so tables and means equal one
+process's.
 """
 from __future__ import annotations
 
@@ -107,6 +111,55 @@ def mask_metrics(pred_mask: Tensor, gt_mask: Tensor, thresholds: Sequence[float]
     return out
 
 
+def merge_rank_rows(shards: Sequence[Sequence[dict]], num_items: Optional[int] = None) -> List[dict]:
+    """The rows of every DDP process in one list, in dataset order, each item once.
+
+    Lightning's evaluation sampler (``DistributedSampler``, never shuffled at test / validation time) deals
+    dataset index ``i`` to rank ``i % W`` in order, and pads the shares to equal length with the first items
+    again. So the ``k``-th row of rank ``r`` is dataset position ``k * W + r``, and positions ``>= num_items``
+    are the padding. (A ``limit_*_batches`` cut keeps the first ``k`` rows of every rank: still a prefix.)
+
+    Args:
+        shards: per rank, in rank order, the rows it produced: one per item, in the order its sampler gave them.
+        num_items: dataset size; rows at positions ``>= num_items`` are dropped. None (size unknown): a row
+            whose ``"name"`` was already taken is dropped instead.
+    Returns:
+        The merged rows (the row dicts themselves, not copies).
+    """
+    world = len(shards)
+    merged: List[dict] = []
+    seen = set()
+    for k in range(max((len(s) for s in shards), default=0)):
+        for r, shard in enumerate(shards):
+            if k >= len(shard):
+                continue
+            row = shard[k]
+            if num_items is not None:
+                if k * world + r >= num_items:
+                    continue
+            elif row.get("name") in seen:
+                continue
+            seen.add(row.get("name"))
+            merged.append(row)
+    return merged
+
+
+def loader_size(loaders) -> Optional[int]:
+    """Number of items of the dataset behind one evaluation DataLoader (e.g. ``trainer.test_dataloaders``).
+
+    Returns None for several loaders, no loader, or a dataset without a length (the caller then falls back to
+    names, see ``merge_rank_rows``).
+    """
+    if isinstance(loaders, (list, tuple)):
+        if len(loaders) != 1:
+            return None
+        loaders = loaders[0]
+    try:
+        return len(loaders.dataset)
+    except (AttributeError, TypeError):
+        return None
+
+
 class MetricTable:
     """Per-image metric rows (``{"name": str, metric: float, ...}``) with NaN-aware means and CSV / JSON output."""
 
@@ -125,6 +178,26 @@ class MetricTable:
     def merge(self, other: "MetricTable") -> "MetricTable":
         """A new table with this table's rows followed by ``other``'s."""
         return MetricTable(self.rows + other.rows)
+
+    def gathered(self, num_items: Optional[int] = None) -> "MetricTable":
+        """Every DDP process's rows in one table, on every process: dataset order, each item once.
+
+        A collective under ``torch.distributed`` (initialised, world size > 1): call it on every rank, e.g. in
+        ``on_test_epoch_end``. The rows of each rank are all-gathered and merged by ``merge_rank_rows`` (which
+        needs one row per item, in the order the rank's sampler gave them). Without a process group: a copy.
+
+        Args:
+            num_items: size of the evaluated dataset (``loader_size(trainer.test_dataloaders)``); positions past
+                it are the sampler's padding and are dropped. None: duplicate names are dropped instead.
+        Returns:
+            A new table.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return MetricTable(self.rows)
+        shards: List[Optional[List[dict]]] = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, self.rows)
+        return MetricTable(merge_rank_rows([s or [] for s in shards], num_items))
 
     def columns(self) -> List[str]:
         """Metric names in first-seen order (without "name")."""
