@@ -24,7 +24,9 @@ class WandbMetricTable(pl.Callback):
         super().__init__()
         self.key = key
 
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    # on_test_end, not on_test_epoch_end: callbacks' epoch-end hooks run before the module's, which is where the
+    # stages gather the per-image rows of every DDP rank
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         table = getattr(pl_module, "test_table", None)
         if table is None or not table.rows or not trainer.is_global_zero:
             return

@@ -149,6 +149,8 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if mode == "invert":
+        check_enough_images(cfg.input, trainer.world_size)
 
     log.info(f"Run directory: {run_dir}")
     if is_zero:
@@ -167,10 +169,8 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
         return None
     if mode == "invert":
         return invert(trainer, model, datamodule)
+    # a crash or Ctrl-C leaves fit() by an exception / SystemExit; main()'s RankFailureGuard prints how to continue
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    if trainer.interrupted:
-        log.warning(f"Training was interrupted; continue with: resume=true paths.run_dir={run_dir}")
-        return None
     path = None
     if trainer.is_global_zero:
         path = Path(model.export_handoff(run_dir))
@@ -213,6 +213,16 @@ def invert_datamodule(cfg: DictConfig):
     return hydra.utils.instantiate(spec)
 
 
+def check_enough_images(input_dir: str, processes: int) -> None:
+    """Lightning's predict sampler needs at least one image per process: say so instead of its AssertionError."""
+    from datamodules.image_folder import list_images
+
+    count = len(list_images(Path(input_dir).expanduser(), config_key="input"))
+    if count < processes:
+        raise UserError(f"input={input_dir} holds {count} image(s) for {processes} processes: use fewer processes "
+                        f"(e.g. trainer=cpu) for fewer images than processes.")
+
+
 def invert(trainer, model, datamodule) -> Path:
     """`trainer.predict` writes every unfinished image's folder; rank zero prints the manifest's counts."""
     trainer.predict(model, datamodule=datamodule, return_predictions=False)
@@ -253,7 +263,8 @@ def main(cfg: DictConfig) -> None:
     if script.is_relative_to(Path.cwd()):
         script = script.relative_to(Path.cwd())
     guard = RankFailureGuard(Path(HydraConfig.get().runtime.output_dir).resolve(), HydraConfig.get().overrides.task,
-                             mode=cfg.get("mode") or "train", inversion_dir=lambda: cfg.get("output"), script=str(script))
+                             mode=cfg.get("mode") or "train", inversion_dir=lambda: cfg.get("output"),
+                             script=str(script))
     try:
         with guard, report_user_errors():
             train(cfg)

@@ -9,7 +9,9 @@ the output blends ``mask * input + (1 - mask) * generated``. Losses, all against
   logged as "lpips-random"), ID (``identity``, only with ArcFace weights);
 * adversarial: a StyleGAN2 discriminator trained from scratch, non-saturating (``adversarial``);
 * mask binarisation ``mean(min(alpha, 1 - alpha))`` per level and on the fused mask (``binarization``);
-* mask area hinge ``max(0, mean(alpha) - limit)`` per level and fused (``area``, ``area_limits``).
+* mask area hinge ``max(0, mean(alpha) - limit)`` per level and fused (``area``, ``area_limits``);
+* optional, not in the official recipe: binary cross-entropy of the fused mask against the exact masks of the
+  noise patches pasted on training images (``patch_supervision``; clean images are pulled to mask 0).
 
 Without the area hinge the trivial solution is mask = 1 everywhere (output = input). Levels are
 switched on progressively (``level_milestones``: the step at which each level starts). An EMA copy of
@@ -30,14 +32,14 @@ from pytorch_lightning.utilities import rank_zero_info
 from datamodules.ood_patches import paste_random_patches
 from lightning_modules.edit_metrics import edit_scores, edited_codes, load_edit_scorer
 from lightning_modules.gan_losses import d_logistic_loss, g_nonsaturating_loss
-from lightning_modules.metrics import MetricTable, image_metrics, mask_metrics, method_comparison
+from lightning_modules.metrics import MetricTable, image_metrics, loader_size, mask_metrics, method_comparison
 from lightning_modules.perceptual import LPIPSLoss
 from lightning_modules.plain import to_plain
 from lightning_modules.stage1_handoff import FrozenStage1
 from lightning_modules.stage1_module import batch_images
 from lightning_modules.steps import uncounted_step
 from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
-from networks.checkpoints import CheckpointError, load_generator
+from networks.checkpoints import CheckpointError, generator_fingerprint, load_generator
 from networks.stylegan2 import Discriminator
 
 PRODUCED_BY = "stage2 AlignMaskModule"
@@ -78,6 +80,9 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         edit: evaluation edit ``{direction: InterFaceGAN file, strength, attribute, classifier: SynthFaces
             attribute classifier file}``; with a direction, test rows also score the edit (classifier success and
             change, OOD preservation) for stage two and for stage one alone. null / no direction = no edit.
+        patch_supervision: weight of the BCE between the fused mask and the pasted patches' masks (needs
+            ``train_patches.p > 0``; 0 = off, the official recipe). Without it, on a generator that misses part of
+            every face the unsupervised losses also mark that part on every image (see README, stage 2).
     """
 
     def __init__(self, encoder_checkpoint: str, generator_checkpoint: Optional[str] = None,
@@ -89,7 +94,7 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
                  binarization: float = 0.2, area: float = 5.0, area_limits: Optional[Mapping] = None,
                  lpips: Optional[dict] = None, identity: Optional[dict] = None, ema_decay: float = 0.99778,
                  discriminator: Optional[dict] = None, n_grid: int = 8, train_patches: Optional[dict] = None,
-                 edit: Optional[dict] = None):
+                 edit: Optional[dict] = None, patch_supervision: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -124,6 +129,9 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         self.discriminator = Discriminator(size, **d_kwargs) if adversarial > 0 else None
         self.train_patches = dict(to_plain(train_patches or {}))
         self.train_patches.setdefault("p", 0.0)
+        if patch_supervision > 0 and self.train_patches["p"] <= 0:
+            raise ValueError("AlignMaskModule: model.patch_supervision > 0 needs pasted training patches "
+                             "(model.train_patches.p > 0)")
         # a plain dict, not a submodule: the scorer stays out of checkpoints
         self.edit = load_edit_scorer(to_plain(edit or {}), self.generator.style_dim)
         self.val_table, self.test_table = MetricTable(), MetricTable()
@@ -153,6 +161,7 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         """Write ``run_dir/align_mask.pt`` (EMA weights, config, meta naming the stage-1 file); returns its path."""
         meta = {"produced_by": PRODUCED_BY, "global_step": int(self.global_step),
                 "encoder_checkpoint": self.encoder_checkpoint, "generator": dict(self.generator.config),
+                "generator_sha1": generator_fingerprint(self.generator),
                 "encoder": dict(self.encoder.config), "module": to_plain(dict(self.hparams))}
         return save_align_mask(Path(run_dir) / "align_mask.pt", self.net_ema, to_plain(meta))
 
@@ -176,8 +185,9 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         self.generator.eval()
         self.encoder.eval()
         x = batch_images(batch)
+        patch_mask = None
         if self.train_patches["p"] > 0:
-            x, _ = paste_random_patches(x, **self.train_patches)
+            x, patch_mask = paste_random_patches(x, **self.train_patches)
         active = self.active_levels()
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
@@ -192,7 +202,7 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
             uncounted_step(self, opts[1])
             self.untoggle_optimizer(opts[1])
             logs["train/loss_d"] = loss_d.detach()
-        loss, parts = self._losses(x, out)
+        loss, parts = self._losses(x, out, patch_mask)
         opts[0].zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opts[0].step()
@@ -209,6 +219,8 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         self._evaluate(batch, batch_idx, self.val_table)
 
     def on_validation_epoch_end(self) -> None:
+        # every rank's rows (DDP): exact means, not a mean of per-rank means over a padded split
+        self.val_table = self.val_table.gathered(loader_size(self.trainer.val_dataloaders))
         means = self.val_table.mean()
         if means:
             self.log_dict({f"val/{k}": float(v) for k, v in means.items()}, sync_dist=True)
@@ -220,10 +232,12 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         self._evaluate(batch, batch_idx, self.test_table, with_edit=True)
 
     def on_test_epoch_end(self) -> None:
+        # every rank's rows (DDP), so test_table, the summary and the logged means equal one process's
+        self.test_table = self.test_table.gathered(loader_size(self.trainer.test_dataloaders))
         self.log_dict({f"test/{k}": float(v) for k, v in self.test_table.mean().items()}, sync_dist=True)
 
     # ------------------------------------------------------------------ internals
-    def _losses(self, x: Tensor, out):
+    def _losses(self, x: Tensor, out, patch_mask: Optional[Tensor] = None):
         hp = self.hparams
         parts: Dict[str, Tensor] = {"pixel": F.mse_loss(out.output, x)}
         loss = hp.pixel * parts["pixel"]
@@ -246,6 +260,10 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
             parts["area"] = sum(F.relu(a.mean() - self.area_limits[k]) for k, a in masks.items())
             parts["mask_mean"] = out.mask.mean()
             loss = loss + hp.binarization * parts["binarization"] + hp.area * parts["area"]
+        if hp.patch_supervision > 0 and patch_mask is not None:
+            # the fused mask is a product of sigmoids: clamp before the log instead of using logits
+            parts["patch_bce"] = F.binary_cross_entropy(out.mask.clamp(1e-4, 1 - 1e-4), patch_mask)
+            loss = loss + hp.patch_supervision * parts["patch_bce"]
         return loss, {k: v.detach() for k, v in parts.items()}
 
     @torch.no_grad()

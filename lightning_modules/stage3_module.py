@@ -24,22 +24,23 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_modules.edit_metrics import edit_scores, edited_codes, load_edit_scorer
 from lightning_modules.inversion_writer import InversionWriter
-from lightning_modules.metrics import MetricTable, image_metrics, mask_metrics, method_comparison
+from lightning_modules.metrics import MetricTable, image_metrics, loader_size, mask_metrics, method_comparison
 from lightning_modules.perceptual import LPIPSLoss
 from lightning_modules.plain import to_plain
 from lightning_modules.projection import project
 from lightning_modules.stage1_handoff import FrozenStage1
 from lightning_modules.stage1_module import batch_images
 from networks.align_mask import load_align_mask
-from networks.checkpoints import CheckpointError
+from networks.checkpoints import CheckpointError, generator_fingerprint
 from networks.domain_segmentation import (SEGMENTATION_SOURCES, align_mask_in_domain, combine_sources,
                                           error_superpixel_mask, superpixels)
 from networks.editing import apply_ganspace, apply_interfacegan, load_direction, load_ganspace
@@ -63,6 +64,34 @@ SEGMENTATION_DEFAULTS: Dict[str, Any] = {
     "ood_classes": [],                                 # parser classes that are always OOD
     "align_threshold": 0.5,
 }
+
+
+# row labels of the edit grid (RefineModule.edit_grid)
+GRID_LABELS = {"e4e": "e4e (stage 1)", "ood_blend": "ood_blend (stage 2)", "pti": "pti (stage 3)",
+               "feature_only": "feature_only (stage 3)", "dhr": "dhr (stage 3)"}
+
+
+def grid_strengths(configured: Sequence[float], n_columns: int = 5) -> List[float]:
+    """Column strengths of an edit grid: ``n_columns`` evenly spaced values over the configured strengths' range
+    extended to 0, plus 0 itself when the spacing misses it (the unedited code), ascending.
+
+    E.g. [-3, 3] -> [-3, -1.5, 0, 1.5, 3]; [1, 3] -> [0, 0.75, 1.5, 2.25, 3]; ValueError when n_columns < 2.
+    """
+    if int(n_columns) < 2:
+        raise ValueError(f"grid_strengths: n_columns must be >= 2, got {n_columns!r}")
+    values = [float(k) for k in configured] + [0.0]
+    lo, hi = min(values), max(values)
+    if lo == hi:
+        return [0.0]
+    columns = {round(float(k), 6) for k in np.linspace(lo, hi, int(n_columns))} | {0.0}
+    return sorted(columns)
+
+
+def _apply_edit(edit: Mapping[str, Any], codes: Tensor, strength: float) -> Tensor:
+    """One loaded edit (``RefineModule._load_output_edit``) of codes (B, L, D) at ``strength``."""
+    if edit["kind"] == "interfacegan":
+        return apply_interfacegan(codes, edit["direction"].to(codes.device), strength, edit["layers"])
+    return apply_ganspace(codes, edit["pca"].to(codes.device), edit["component"], edit["start"], edit["end"], strength)
 
 
 def _merge(defaults: Mapping, given: Optional[Mapping]) -> Dict[str, Any]:
@@ -115,7 +144,8 @@ class RefineModule(FrozenStage1, pl.LightningModule):
                              f"{', '.join(SEGMENTATION_SOURCES)}")
         self.refine_config = self._refine_config(dict(to_plain(refine or {})), dict(to_plain(pti or {})),
                                                  dict(to_plain(feature_only or {})))
-        self.align_net = self._load_align_net(align_mask_checkpoint) if self._needs_align_mask() else None
+        self.align_net = self._load_align_net(align_mask_checkpoint) if self._needs_align_mask() else \
+            self._grid_align_net(align_mask_checkpoint)
         self.parser, self.class_ids = self._load_parser() if self._needs_error_map() else (None, {})
         self.lpips = LPIPSLoss(**to_plain(lpips or {}))
         # a plain dict, not a submodule: the scorer stays out of checkpoints
@@ -126,6 +156,10 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         self.writer = InversionWriter(output_dir) if output_dir else None
         self.test_table = MetricTable()
         self.grid_batch: Optional[Dict[str, Tensor]] = None
+        # set by callbacks.edit_grid.EditGrid ({"strengths", "n_columns", "n"}); the grid of test batch 0 lands in
+        # edit_grid_batch (see edit_grid); no request, no grid (no cost)
+        self.edit_grid_request: Optional[Dict[str, Any]] = None
+        self.edit_grid_batch: Optional[Dict[str, Dict[str, Any]]] = None
 
     # ------------------------------------------------------------------ set-up helpers
     def _refine_config(self, refine: dict, pti: dict, feature_only: dict) -> Optional[RefineConfig]:
@@ -157,7 +191,23 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         if theirs is not None and dict(theirs) != dict(self.generator.config):
             raise CheckpointError(f"model.align_mask_checkpoint={path} was trained for generator {dict(theirs)}, but "
                                   f"model.encoder_checkpoint={self.encoder_checkpoint} holds {dict(self.generator.config)}")
+        sha = meta.get("generator_sha1")
+        if sha is not None and sha != generator_fingerprint(self.generator):
+            raise CheckpointError(f"model.align_mask_checkpoint={path} was trained with another generator than the one "
+                                  f"inside model.encoder_checkpoint={self.encoder_checkpoint} (same architecture, "
+                                  f"different weights: a hand-off from another run?)")
         return net.requires_grad_(False)
+
+    def _grid_align_net(self, path: Optional[str]):
+        # a method that does not need the stage-2 net still shows its edits in the edit grid's stage-2 row; a file
+        # that does not fit only costs that row (the method's own results do not depend on it)
+        if not path:
+            return None
+        try:
+            return self._load_align_net(path)
+        except CheckpointError as err:
+            rank_zero_warn(f"The edit grid has no stage-2 row: {err}")
+            return None
 
     def _load_parser(self):
         path = self.segmentation["parser"]
@@ -194,15 +244,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
 
     def edited_codes(self, codes: Tensor) -> Dict[str, Tensor]:
         """Every configured output edit of codes (B, L, D): {"<edit>_<strength>": (B, L, D)}."""
-        out = {}
-        for e in self.edits:
-            for k in e["strengths"]:
-                if e["kind"] == "interfacegan":
-                    out[f"{e['name']}_{k:+g}"] = apply_interfacegan(codes, e["direction"].to(codes.device), k, e["layers"])
-                else:
-                    out[f"{e['name']}_{k:+g}"] = apply_ganspace(codes, e["pca"].to(codes.device), e["component"],
-                                                               e["start"], e["end"], k)
-        return out
+        return {f"{e['name']}_{k:+g}": _apply_edit(e, codes, k) for e in self.edits for k in e["strengths"]}
 
     # ------------------------------------------------------------------ public API
     def segment(self, images: Tensor, codes: Tensor, taps: Mapping[str, Tensor]) -> Dict[str, Tensor]:
@@ -272,6 +314,58 @@ class RefineModule(FrozenStage1, pl.LightningModule):
             return self.align_net(self.generator, edited_codes, result["taps"], images, cue=cue).output
         return decode(self.generator, result["state"], edited_codes)
 
+    @torch.no_grad()
+    def edit_grid(self, images: Tensor, result: Mapping[str, Any], strengths: Optional[Sequence[float]] = None,
+                  n_columns: int = 5) -> Dict[str, Dict[str, Any]]:
+        """Edits of images (B, 3, S, S) at several strengths, as each method decodes them (the dashboard's grid).
+
+        Edits: every ``model.edits`` entry, else the evaluation edit ``model.edit`` (strengths -/+ its strength).
+        Methods (rows): ``e4e (stage 1)`` = G(edited codes); ``ood_blend (stage 2)`` = alignment + blend, when the
+        module holds a stage-2 net; the module's own method (``render_edit`` with its tuned state).
+
+        Args:
+            images: the inputs of ``result`` (B, 3, S, S) in [-1, 1].
+            result: ``invert(images)``.
+            strengths: the columns' strengths for every edit; None = ``grid_strengths`` of each edit's configured
+                strengths with ``n_columns``.
+            n_columns: see ``grid_strengths``.
+        Returns:
+            {edit name: {"strengths": [s_1 .. s_K], "rows": {method: (K + 1, B, 3, S, S) on the CPU}}}; column 0 is
+            the input, column j the edit at s_j; {} without edits.
+        """
+        codes = result["codes"]
+        stage2 = self.align_net is not None and self.method != "ood_blend"  # ood_blend: its own row
+        cue = None
+        if stage2 and self.align_net.error_cue:
+            cue = self.align_net.reconstruction_error(self.generator, codes, images)
+        out = {}
+        for edit in self._grid_edits():
+            columns = [float(k) for k in strengths] if strengths is not None else \
+                grid_strengths(edit["strengths"], n_columns)
+            renderers = {GRID_LABELS["e4e"]: lambda c: self.generator.synthesize(c).image}
+            if stage2:
+                renderers[GRID_LABELS["ood_blend"]] = \
+                    lambda c: self.align_net(self.generator, c, result["taps"], images, cue=cue).output
+            if self.method != "e4e":
+                renderers[GRID_LABELS[self.method]] = lambda c: self.render_edit(result, images, c)
+            rows: Dict[str, list] = {label: [images] for label in renderers}
+            for k in columns:
+                edited = _apply_edit(edit, codes, k)
+                for label, render in renderers.items():
+                    rows[label].append(render(edited))
+            out[edit["name"]] = {"strengths": columns,
+                                 "rows": {k: torch.stack(v).detach().float().cpu() for k, v in rows.items()}}
+        return out
+
+    def _grid_edits(self) -> list:
+        if self.edits:
+            return self.edits
+        if self.edit is None:
+            return []
+        s = self.edit["strength"]
+        return [{"name": self.edit["attribute"], "kind": "interfacegan", "direction": self.edit["direction"],
+                 "layers": None, "strengths": [-s, s]}]
+
     def summary_markdown(self) -> str:
         """One-row Markdown table of the test means (the benchmark stacks the rows of all methods)."""
         means = self.test_table.mean()
@@ -295,6 +389,8 @@ class RefineModule(FrozenStage1, pl.LightningModule):
             self._score(batch, batch_idx, x, gt, result, seconds)
 
     def on_test_epoch_end(self) -> None:
+        # every rank's rows (DDP), so test_table, the summary and the logged means equal one process's
+        self.test_table = self.test_table.gathered(loader_size(self.trainer.test_dataloaders))
         means = self.test_table.mean()
         self.log_dict({f"test/{k}": float(v) for k, v in means.items()}, sync_dist=True)
 
@@ -345,8 +441,14 @@ class RefineModule(FrozenStage1, pl.LightningModule):
                               f"{len(self.writer.records())} finished image(s) are kept; fix the problem and rerun "
                               f"with the same output=... to complete the rest") from err
 
-    def on_predict_epoch_end(self) -> None:
-        if self.writer is not None and self.trainer.is_global_zero:
+    def teardown(self, stage: str) -> None:
+        """End of ``trainer.predict`` (``mode=invert``), on every rank: wait until every rank's folders are written
+        (DDP: each image went to one rank), then rank zero writes the manifest. Not ``on_predict_epoch_end``:
+        Lightning skips that hook on a rank whose predict loop has no batch, and the barrier would wait forever."""
+        if stage != "predict" or self.writer is None:
+            return
+        self.trainer.strategy.barrier("inversion_manifest")
+        if self.trainer.is_global_zero:
             self.writer.write_manifest()
 
     def _gt_metrics(self, name: str, x: Tensor, out: Tensor, ood_mask: Optional[Tensor], j: int):
@@ -398,3 +500,10 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         if batch_idx == 0:
             n = self.hparams.n_grid
             self.grid_batch = {k: v[:n].detach() for k, v in rows.items()}
+            request = self.edit_grid_request
+            if request is not None and self.global_rank == 0:  # the grid is only logged by rank zero
+                m = int(request.get("n") or n)
+                grids = self.edit_grid(x, result, request.get("strengths"), int(request.get("n_columns", 5)))
+                self.edit_grid_batch = {name: {"strengths": g["strengths"],
+                                               "rows": {k: v[:, :m] for k, v in g["rows"].items()}}
+                                        for name, g in grids.items()}

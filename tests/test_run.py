@@ -242,3 +242,11 @@ def test_script_names_missing_image_folder_and_config_key(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
     assert (tmp_path / "run" / "run.log").is_file()  # Hydra's own output dir follows paths.run_dir
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing written before the error
+
+
+def test_invert_with_fewer_images_than_processes_is_refused(compose_cfg, make_images, tmp_path):
+    from experiments.run import train
+
+    make_images(tmp_path / "one", ["a.png"], size=(64, 64))
+    with pytest.raises(UserError, match=r"holds 1 image\(s\) for 2 processes"):
+        train(compose_cfg(["+exp=dhr", "mode=invert", f"input={tmp_path / 'one'}", "trainer=ddp_cpu", "logger=csv"]))

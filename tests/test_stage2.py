@@ -2,8 +2,10 @@
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from datamodules.ood_patches import paste_random_patches
 from lightning_modules.stage2_module import AlignMaskModule
 from networks.align_mask import load_align_mask
 from networks.checkpoints import CheckpointError, export_generator
@@ -137,6 +139,28 @@ def test_training_with_pasted_patches(stage1_file, tmp_path):
     x = torch.rand(4, 3, 64, 64) * 2 - 1
     trainer(tmp_path, 2).fit(module, DataLoader(TensorDataset(x), batch_size=4))
     assert module.global_step == 2
+
+
+def test_patch_supervision_is_the_bce_of_the_fused_mask_against_the_pasted_patches(stage1_file, tmp_path):
+    """The optional term: it needs pasted patches, it adds weight x BCE(fused mask, patch mask) to the loss, its
+    gradient reaches the mask network, and training logs it."""
+    with pytest.raises(ValueError, match=r"patch_supervision > 0 needs pasted training patches"):
+        make_module(stage1_file, patch_supervision=1.0)
+    module = make_module(stage1_file, patch_supervision=2.0, train_patches=dict(p=1.0, max_patches=1, area=[0.1, 0.15]))
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    patched, mask = paste_random_patches(x, p=1.0, max_patches=1, area=(0.1, 0.15),
+                                         generator=torch.Generator().manual_seed(2))
+    out = module.net(module.generator, *module.encode(patched), patched, active_levels=[8, 16])
+    with_term, parts = module._losses(patched, out, mask)
+    without, _ = module._losses(patched, out, None)
+    expected = F.binary_cross_entropy(out.mask.clamp(1e-4, 1 - 1e-4), mask)
+    torch.testing.assert_close(parts["patch_bce"], expected.detach())
+    torch.testing.assert_close(with_term - without, 2.0 * expected)
+    grads = torch.autograd.grad(with_term - without, [p for p in module.net.parameters() if p.requires_grad],
+                                allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    trainer(tmp_path, 2).fit(module, DataLoader(TensorDataset(x), batch_size=4))
+    assert torch.isfinite(module.trainer.callback_metrics["train/patch_bce"])
 
 
 def test_run_py_ood_blend_trains_evaluates_and_reports(compose_cfg, stage1_file, tmp_path, monkeypatch):
