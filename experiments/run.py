@@ -88,8 +88,6 @@ def train(cfg: DictConfig) -> Path | None:
         raise UserError(f"No experiment given: add +exp=<name>. Available: {', '.join(available_exps(CONFIG_DIR))}.")
     # Hydra's output dir is the truth: it differs from paths.run_dir under multirun and in DDP child processes.
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
     command = list(HydraConfig.get().overrides.task)
     check_torchrun_run_dir(command)
     is_zero = rank_zero_only.rank == 0
@@ -149,6 +147,7 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    with_wandb = any(type(lg).__name__ == "WandbLogger" for lg in loggers)
     if mode == "invert":
         check_enough_images(cfg.input, trainer.world_size)
 
@@ -159,7 +158,7 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
         save_run_configs(cfg, run_dir, command)
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        if with_wandb:
             log_used_handoffs(cfg)
     if ckpt_path:
         log.info(f"Starting from checkpoint {ckpt_path}")
@@ -179,7 +178,7 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
         # would load the newest one instead of testing the trained weights.
         for stale in hpc_checkpoints(run_dir):
             stale.unlink()
-        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        if with_wandb:
             log_handoff_artifact(path)  # online only (see callbacks/handoff_artifact.py)
     trainer.strategy.barrier("handoff")  # the other ranks may load the hand-off next (a chain's next stage)
     if cfg.get("evaluate"):  # every rank takes part in trainer.test

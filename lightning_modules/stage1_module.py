@@ -35,7 +35,7 @@ from lightning_modules.metrics import MetricTable, image_metrics, loader_size
 from lightning_modules.perceptual import LPIPSLoss
 from lightning_modules.plain import to_plain
 from lightning_modules.steps import uncounted_step
-from networks.checkpoints import CheckpointError, generator_fingerprint, load_generator
+from networks.checkpoints import CheckpointError, weights_fingerprint, load_generator
 from networks.encoder_checkpoints import export_e4e_checkpoint, load_e4e_checkpoint
 from networks.encoders import build_encoder, resize_to_encoder
 from networks.latent_discriminator import LatentCodesDiscriminator
@@ -171,7 +171,7 @@ class EncoderModule(pl.LightningModule):
             "generator_config": to_plain(dict(self.generator.config)),
             "produced_by": PRODUCED_BY, "global_step": int(self.global_step),
             "generator_checkpoint": self.generator_checkpoint,
-            "generator_sha1": generator_fingerprint(self.generator),
+            "generator_sha1": weights_fingerprint(self.generator),
             "module": to_plain({k: v for k, v in self.hparams.items() if k not in ("encoder",)}),
         }
         return export_e4e_checkpoint(Path(run_dir) / "encoder.pt", self.encoder, self.generator,

@@ -39,7 +39,7 @@ from lightning_modules.stage1_handoff import FrozenStage1
 from lightning_modules.stage1_module import batch_images
 from lightning_modules.steps import uncounted_step
 from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
-from networks.checkpoints import CheckpointError, generator_fingerprint, load_generator
+from networks.checkpoints import CheckpointError, weights_fingerprint, load_generator
 from networks.stylegan2 import Discriminator
 
 PRODUCED_BY = "stage2 AlignMaskModule"
@@ -153,15 +153,14 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         """
         enc_codes, taps = encoded if encoded is not None else self.encode(images)
         net = self.net_ema if use_ema else self.net
-        cue = net.reconstruction_error(self.generator, enc_codes, images) if net.error_cue else None
         return net(self.generator, enc_codes if codes is None else codes, taps, images,
-                   active_levels=self.level_list if active_levels is None else active_levels, cue=cue)
+                   active_levels=self.level_list if active_levels is None else active_levels, cue_codes=enc_codes)
 
     def export_handoff(self, run_dir) -> Path:
         """Write ``run_dir/align_mask.pt`` (EMA weights, config, meta naming the stage-1 file); returns its path."""
         meta = {"produced_by": PRODUCED_BY, "global_step": int(self.global_step),
                 "encoder_checkpoint": self.encoder_checkpoint, "generator": dict(self.generator.config),
-                "generator_sha1": generator_fingerprint(self.generator),
+                "generator_sha1": weights_fingerprint(self.generator),
                 "encoder": dict(self.encoder.config), "module": to_plain(dict(self.hparams))}
         return save_align_mask(Path(run_dir) / "align_mask.pt", self.net_ema, to_plain(meta))
 

@@ -40,7 +40,7 @@ from lightning_modules.projection import project
 from lightning_modules.stage1_handoff import FrozenStage1
 from lightning_modules.stage1_module import batch_images
 from networks.align_mask import load_align_mask
-from networks.checkpoints import CheckpointError, generator_fingerprint
+from networks.checkpoints import CheckpointError, weights_fingerprint
 from networks.domain_segmentation import (SEGMENTATION_SOURCES, align_mask_in_domain, combine_sources,
                                           error_superpixel_mask, superpixels)
 from networks.editing import apply_ganspace, apply_interfacegan, load_direction, load_ganspace
@@ -192,7 +192,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
             raise CheckpointError(f"model.align_mask_checkpoint={path} was trained for generator {dict(theirs)}, but "
                                   f"model.encoder_checkpoint={self.encoder_checkpoint} holds {dict(self.generator.config)}")
         sha = meta.get("generator_sha1")
-        if sha is not None and sha != generator_fingerprint(self.generator):
+        if sha is not None and sha != weights_fingerprint(self.generator):
             raise CheckpointError(f"model.align_mask_checkpoint={path} was trained with another generator than the one "
                                   f"inside model.encoder_checkpoint={self.encoder_checkpoint} (same architecture, "
                                   f"different weights: a hand-off from another run?)")
@@ -309,9 +309,8 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         if self.method == "e4e":
             return self.generator.synthesize(edited_codes).image
         if self.method == "ood_blend":  # the mask (and its error cue) stay the input's
-            cue = self.align_net.reconstruction_error(self.generator, result["codes"], images) \
-                if self.align_net.error_cue else None
-            return self.align_net(self.generator, edited_codes, result["taps"], images, cue=cue).output
+            return self.align_net(self.generator, edited_codes, result["taps"], images,
+                                  cue_codes=result["codes"]).output
         return decode(self.generator, result["state"], edited_codes)
 
     @torch.no_grad()
@@ -335,9 +334,6 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         """
         codes = result["codes"]
         stage2 = self.align_net is not None and self.method != "ood_blend"  # ood_blend: its own row
-        cue = None
-        if stage2 and self.align_net.error_cue:
-            cue = self.align_net.reconstruction_error(self.generator, codes, images)
         out = {}
         for edit in self._grid_edits():
             columns = [float(k) for k in strengths] if strengths is not None else \
@@ -345,7 +341,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
             renderers = {GRID_LABELS["e4e"]: lambda c: self.generator.synthesize(c).image}
             if stage2:
                 renderers[GRID_LABELS["ood_blend"]] = \
-                    lambda c: self.align_net(self.generator, c, result["taps"], images, cue=cue).output
+                    lambda c: self.align_net(self.generator, c, result["taps"], images, cue_codes=codes).output
             if self.method != "e4e":
                 renderers[GRID_LABELS[self.method]] = lambda c: self.render_edit(result, images, c)
             rows: Dict[str, list] = {label: [images] for label in renderers}

@@ -370,7 +370,7 @@ class AlignMaskNet(nn.Module):
 
     def forward(self, G, codes: torch.Tensor, taps: Mapping[str, torch.Tensor], image: torch.Tensor,
                 active_levels: Optional[Sequence[int]] = None, noise=None,
-                cue: Optional[torch.Tensor] = None) -> AlignMaskOutput:
+                cue: Optional[torch.Tensor] = None, cue_codes: Optional[torch.Tensor] = None) -> AlignMaskOutput:
         """Synthesise ``codes`` (B, L, D) with G, replacing ``G.upconv_modulated(r)`` at the active levels.
 
         taps: encoder features {"f0".."f4": (B, C, h, w)}; image: input x (B, 3, S, S), S = G.size
@@ -381,8 +381,9 @@ class AlignMaskNet(nn.Module):
         plain G output (mask 0).
 
         With ``error_cue`` the alpha logits also receive a learned 3x3 map of the stage-1 reconstruction error
-        ``cue`` (B, 1, S, S) (default: ``reconstruction_error(G, codes, image)``; pass the error of the
-        *unedited* codes when ``codes`` are edited, so the mask stays the input's).
+        ``cue`` (B, 1, S, S) (default: ``reconstruction_error(G, cue_codes, image)``, ``cue_codes`` defaulting to
+        ``codes``). When ``codes`` are edited, pass the unedited codes as ``cue_codes`` (or their error as ``cue``)
+        so the mask stays the input's, as the official editing does.
         """
         active = self._active(active_levels)
         if image.ndim != 4 or image.shape[-1] != G.size or image.shape[-2] != G.size:
@@ -394,7 +395,7 @@ class AlignMaskNet(nn.Module):
         alphas: Dict[int, torch.Tensor] = {}
         flows: Dict[int, torch.Tensor] = {}
         if self.error_cue and cue is None:
-            cue = self.reconstruction_error(G, codes, image, noise)
+            cue = self.reconstruction_error(G, codes if cue_codes is None else cue_codes, image, noise)
         cue = cue if self.error_cue else None
 
         def make_edit(i, r):

@@ -151,7 +151,7 @@ def export_generator(path, g_ema: Generator, latent_avg: torch.Tensor, *, g: Opt
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt: Dict[str, Any] = {"g_ema": _cpu_state(g_ema), "latent_avg": latent_avg.detach().reshape(-1).cpu()}
-    info = {"generator": dict(g_ema.config), "generator_sha1": generator_fingerprint(g_ema)}
+    info = {"generator": dict(g_ema.config), "generator_sha1": weights_fingerprint(g_ema)}
     if g is not None:
         ckpt["g"] = _cpu_state(g)
     if d is not None:
@@ -162,13 +162,13 @@ def export_generator(path, g_ema: Generator, latent_avg: torch.Tensor, *, g: Opt
     return save_atomic(ckpt, path)
 
 
-def generator_fingerprint(generator: nn.Module) -> str:
-    """SHA-1 (hex) of a generator's state dict (keys in order, float32 values): two files hold the same generator
-    exactly when the fingerprints agree. Hand-offs record it so a later stage can refuse another run's generator."""
+def weights_fingerprint(module: nn.Module) -> str:
+    """SHA-1 (hex) of a module's state dict (keys in order, float32 values): equal fingerprints, equal weights.
+    Hand-offs record their generator's (``generator_sha1``) so a later stage can refuse another run's generator."""
     import hashlib
 
     digest = hashlib.sha1()
-    for key, value in sorted(generator.state_dict().items()):
+    for key, value in sorted(module.state_dict().items()):
         digest.update(key.encode())
         digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()

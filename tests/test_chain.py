@@ -14,7 +14,7 @@ import torch
 from experiments.utils.chain import ChainError, needed_stages
 from experiments.utils.run_lock import LOCK_NAME, RunDirLockedError, acquire_run_lock, release_run_lock
 from networks.align_mask import AlignMaskNet, default_levels, load_align_mask, save_align_mask
-from networks.checkpoints import CheckpointError, export_generator, generator_fingerprint
+from networks.checkpoints import CheckpointError, export_generator, weights_fingerprint
 from networks.encoder_checkpoints import load_e4e_checkpoint
 from networks.stylegan2 import Generator
 from tests.helpers.tiny_stage1 import export_tiny_stage1
@@ -54,13 +54,14 @@ def test_chain_trains_each_stage_resumes_after_a_crash_and_reuses_finished_stage
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     run = tmp_path / "run"
-    crash = ["+callbacks.crash._target_=tests.helpers.interrupt.CrashAt", "+callbacks.crash.step=2"]
-    with pytest.raises(RuntimeError, match="simulated crash at step 2"):
+    crash = ["+callbacks.crash._target_=tests.helpers.ddp_crash.CrashRank", "+callbacks.crash.rank=0",
+             "+callbacks.crash.step=2", "+callbacks.crash.how=raise"]
+    with pytest.raises(RuntimeError, match="rank 0 fails on purpose at step 2"):
         train(compose_cfg(chain_overrides(shared, *crash)))
     encoder = run / "stage_encoder" / "encoder.pt"
     assert encoder.is_file() and not (run / "stage_align_mask" / "align_mask.pt").exists()
     last = run / "stage_align_mask" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 1  # the step-2 save comes after the crash
+    assert torch.load(last, weights_only=False)["global_step"] == 2  # the crash came as step 3 started
     assert not (run / LOCK_NAME).exists()  # released although the run died
     stamp = encoder.stat().st_mtime_ns
 
@@ -79,7 +80,7 @@ def test_chain_trains_each_stage_resumes_after_a_crash_and_reuses_finished_stage
     assert record[1]["producer"]["produced_by"] == "stage2 AlignMaskModule"
     g = load_e4e_checkpoint(encoder).generator
     assert record[0]["producer"]["generator_sha1"] == record[1]["producer"]["generator_sha1"] == \
-        generator_fingerprint(g)
+        weights_fingerprint(g)
     # stage 3 ran in the chain's own run directory on the trained hand-offs and printed its table
     rows = (run / "metrics" / "test.csv").read_text().splitlines()
     assert len(rows) == 5 and "iou@0.5" in rows[0]
@@ -121,7 +122,7 @@ def test_a_handoff_from_another_runs_generator_is_refused(tmp_path):
     net = AlignMaskNet(dict(second.generator.channels), dict(second.encoder.feature_channels), default_levels(64), 64)
     align = save_align_mask(tmp_path / "b" / "align_mask.pt", net,
                             {"generator": dict(second.generator.config),
-                             "generator_sha1": generator_fingerprint(second.generator)})
+                             "generator_sha1": weights_fingerprint(second.generator)})
     with pytest.raises(CheckpointError, match=r"align_mask.pt was trained with another generator than the one "
                                               r"inside model.encoder_checkpoint=.*a/encoder.pt"):
         RefineModule(str(first.path), method="ood_blend", align_mask_checkpoint=str(align),

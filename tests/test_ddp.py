@@ -31,6 +31,7 @@ from experiments.utils.distributed import (
 )
 from lightning_modules.metrics import MetricTable, loader_size, merge_rank_rows
 from tests.conftest import ROOT
+from tests.helpers.distributed_runs import tiny_e4e_overrides, tiny_stage1_inputs
 from tests.helpers.predict_names import read_predict_names
 from tests.test_stage3 import files  # noqa: F401  (the module fixture of tiny stage-1 / stage-2 hand-offs)
 
@@ -92,26 +93,10 @@ def assert_same_numbers(a: dict, b: dict, skip=("seconds", "test/seconds")):
         assert (x != x and y != y) or x == pytest.approx(y, abs=1e-5, rel=1e-5), (key, x, y)
 
 
-def tiny_e4e(tmp_path):
-    """A 16 px generator file and 9 images (3 held out: the test set, odd) for stage-1 training runs."""
-    import numpy as np
-    from PIL import Image
-
-    from networks.checkpoints import export_generator
-    from networks.stylegan2 import Generator
-
-    torch.manual_seed(0)
-    g = Generator(size=16, style_dim=32, n_mlp=2, channel_multiplier=1, channel_max=32)
-    generator = export_generator(tmp_path / "generator.pt", g, g.mean_latent(256, seed=0).reshape(-1))
-    rng = np.random.default_rng(0)
-    (tmp_path / "images").mkdir()
-    for i in range(9):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
-    return ["+exp=e4e", "data=image_folder", f"data.root={tmp_path / 'images'}", "generator.size=16",
-            "data.batch_size=2", "data.num_workers=0", "data.val_count=3", f"model.generator_checkpoint={generator}",
-            "model.encoder.width=0.25", "model.encoder.units=[1,1,1,1]", "logger=csv", "trainer=ddp_cpu",
-            "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-            "+trainer.enable_model_summary=false", "callbacks.model_checkpoint.every_n_train_steps=2"]
+def tiny_e4e(tmp_path, max_steps):
+    """A 16 px generator file and 9 images (3 held out: the test set, odd) for 2-process stage-1 training runs."""
+    images, generator = tiny_stage1_inputs(tmp_path, n_images=9)
+    return tiny_e4e_overrides(images, generator, max_steps=max_steps, held_out=3) + ["trainer=ddp_cpu"]
 
 
 def crash(rank=1, step=3, how="kill", stage="fit", marker=None):
@@ -278,7 +263,7 @@ def test_rank_killed_during_training_reports_and_the_printed_command_resumes(tmp
     from networks.encoder_checkpoints import load_e4e_checkpoint
 
     run, marker = tmp_path / "run", tmp_path / "crashed.json"
-    base = tiny_e4e(tmp_path) + ["trainer.max_steps=6", f"paths.run_dir={run}"]
+    base = tiny_e4e(tmp_path, 6) + [f"paths.run_dir={run}"]
     result, seconds = run_py(*base, *crash(rank=1, step=5, marker=marker))
     died = json.loads(marker.read_text())
     assert result.returncode == 1 and died["rank"] == 1 and died["step"] == 5
@@ -299,7 +284,7 @@ def test_rank_killed_during_training_reports_and_the_printed_command_resumes(tmp
 @pytest.mark.slow
 def test_rank0_killed_is_reported_by_rank1(tmp_path):
     run, marker = tmp_path / "run", tmp_path / "crashed.json"
-    result, seconds = run_py(*tiny_e4e(tmp_path), "trainer.max_steps=6", f"paths.run_dir={run}",
+    result, seconds = run_py(*tiny_e4e(tmp_path, 6), f"paths.run_dir={run}",
                              *crash(rank=0, step=3, marker=marker))
     died = json.loads(marker.read_text())
     assert result.returncode == -signal.SIGKILL  # what the shell sees: the process it started was killed
@@ -339,7 +324,7 @@ def test_rank_dying_before_the_process_group_exists_ends_within_seconds(tmp_path
     from experiments.utils.distributed import GRACE_S
 
     run = tmp_path / "run"
-    result, seconds = run_py(*tiny_e4e(tmp_path), "trainer.max_steps=4", f"paths.run_dir={run}",
+    result, seconds = run_py(*tiny_e4e(tmp_path, 4), f"paths.run_dir={run}",
                              *crash(rank=1, stage="start", how="exit"))
     assert result.returncode == 1
     assert "Error: DDP rank 1 (pid" in result.stderr and "exited with status 3" in result.stderr, result.stderr[-3000:]

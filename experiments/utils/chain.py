@@ -107,15 +107,20 @@ def inherited_overrides(command: Sequence[str]) -> List[str]:
     return out
 
 
-def compose_stage(spec: Dict[str, Any], inputs: Dict[str, str], command: Sequence[str], config_dir: Path,
-                  extra: Sequence[str] = ()) -> DictConfig:
-    """Compose the config of a stage's training run: `+exp=<exp>`, the inherited command overrides, its inputs
-    and its own overrides (in that order, later wins). Uses the running Hydra app when there is one."""
+def stage_overrides(spec: Dict[str, Any], inputs: Dict[str, str], command: Sequence[str],
+                    extra: Sequence[str] = ()) -> List[str]:
+    """The overrides of a stage's training run: `+exp=<exp>`, the inherited command overrides, its inputs, its own
+    overrides and ``extra`` (in that order, later wins)."""
+    return [f"+exp={spec['exp']}", *inherited_overrides(command),
+            *[f"{key}={path}" for key, path in inputs.items()], *spec.get("overrides", []), *extra]
+
+
+def compose_stage(overrides: Sequence[str], config_dir: Path) -> DictConfig:
+    """Compose run.py's config for ``overrides``; uses the running Hydra app when there is one."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = [f"+exp={spec['exp']}", *inherited_overrides(command),
-                 *[f"{key}={path}" for key, path in inputs.items()], *spec.get("overrides", []), *extra]
+    overrides = list(overrides)
     if GlobalHydra.instance().is_initialized():
         return compose("config", overrides=overrides)
     with initialize_config_dir(str(config_dir), version_base="1.3"):
@@ -147,7 +152,7 @@ def run_chain(cfg: DictConfig, run_dir: Path, command: Sequence[str], config_dir
             on every rank; returns None when training was interrupted.
         is_zero: global rank zero (writes chain.json).
     Returns:
-        One StageRecord per enabled stage.
+        One StageRecord per stage that ran (``needed_stages``), in chain order.
     """
     enabled = [n for n in cfg.chain if OmegaConf.select(cfg, f"chain.{n}.enabled", default=True)]
     specs = {n: _spec(cfg, n) for n in enabled}
@@ -169,7 +174,7 @@ def run_chain(cfg: DictConfig, run_dir: Path, command: Sequence[str], config_dir
         if name not in records:
             folder = stage_dir(run_dir, name)
             handoff = folder / spec["file"]
-            if handoff.is_file() and not cfg.get("overwrite"):
+            if name in present:
                 records[name] = StageRecord(name, "reused", str(handoff), spec["exp"], handoff_meta(handoff))
                 log.info(f"Chain stage {name}: reusing {handoff} (finished earlier in this run directory)")
             else:
@@ -180,15 +185,15 @@ def run_chain(cfg: DictConfig, run_dir: Path, command: Sequence[str], config_dir
                     extra = ["resume=true"] if (folder / "checkpoints" / "last.ckpt").is_file() else []
                 if "resume=true" in extra:
                     log.info(f"Chain stage {name}: continuing from {folder / 'checkpoints' / 'last.ckpt'}")
-                stage_cfg = compose_stage(spec, inputs, command, config_dir, extra)
+                overrides = stage_overrides(spec, inputs, command, extra)
+                stage_cfg = compose_stage(overrides, config_dir)
                 with open_dict(stage_cfg):
                     stage_cfg.paths.run_dir = str(folder)
                     if OmegaConf.select(stage_cfg, "logger.wandb") is not None:
                         stage_cfg.logger.wandb.group = str(run_dir.name)
                         stage_cfg.logger.wandb.job_type = f"stage_{name}"
                 log.info(f"Chain stage {name}: training with +exp={spec['exp']} in {folder}")
-                produced = run_stage(stage_cfg, folder, [f"+exp={spec['exp']}", *inherited_overrides(command),
-                                                         *spec.get("overrides", []), *extra])
+                produced = run_stage(stage_cfg, folder, overrides)
                 if not handoff.is_file():
                     raise ChainError(f"Chain stage {name} stopped before writing {handoff}; finished steps are kept "
                                      f"in {folder / 'checkpoints'}. Continue with: resume=true paths.run_dir={run_dir}")

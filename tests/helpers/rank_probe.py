@@ -11,7 +11,6 @@ With ``signal_at_step=N`` the process sends itself SIGUSR1 once training reaches
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -20,20 +19,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from networks.checkpoints import weights_fingerprint
+
 
 def read_probes(out_dir, stage: str) -> dict[int, dict]:
     """Returns ``{global rank: record}`` of every ``<stage>_rank*.json`` under ``out_dir``."""
     records = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob(f"{stage}_rank*.json"))]
     return {r["global_rank"]: r for r in records}
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-1 of every parameter and buffer of ``module`` (names and values): equal digests, equal weights."""
-    digest = hashlib.sha1()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class RankProbe(pl.Callback):
@@ -97,11 +89,11 @@ class RankProbe(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         """Adds the final global step and a digest of the trained weights to the fit record."""
-        self._update("fit", {"global_step": trainer.global_step, "final_weights": weights_digest(pl_module)})
+        self._update("fit", {"global_step": trainer.global_step, "final_weights": weights_fingerprint(pl_module)})
 
     def on_test_start(self, trainer, pl_module) -> None:
         """Adds a digest of the weights being tested (after any checkpoint Lightning loaded) to the test record."""
-        self._update("test", {"tested_weights": weights_digest(pl_module)})
+        self._update("test", {"tested_weights": weights_fingerprint(pl_module)})
 
     def on_test_end(self, trainer, pl_module) -> None:
         """Adds the tested image names (this process's share of the test set) to the test record."""
