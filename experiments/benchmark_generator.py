@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,20 +29,21 @@ CONFIGS = {
 }
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def sync(device) -> None:
+    """Wait for the queued kernels of ``device`` (a str or torch.device) to finish; no-op off CUDA."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def best_time(fn: Callable[[], None], device: str, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up call, in seconds."""
-    fn()
-    _sync(device)
+def best_time(fn: Callable[[], None], device, repeats: int, warmup: Optional[Callable[[], None]] = None) -> float:
+    """Best wall time of ``repeats`` calls after one warm-up call (``warmup``, default ``fn``), in seconds."""
+    (warmup or fn)()
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -64,22 +65,34 @@ def conv_peak_gflops(device: str, repeats: int) -> float:
     return flops / best / 1e9
 
 
-def bench_config(name: str, kwargs: Dict, device: str, batch: int, repeats: int) -> List[Dict]:
-    """Measure both impls of one generator config; returns one row per impl."""
-    torch.manual_seed(0)
+def seeded_generator(kwargs: Dict, device, batch: int, seed: int = 0):
+    """(Generator(**kwargs) with weights drawn from ``seed`` on ``device``, random z (batch, style_dim))."""
+    torch.manual_seed(seed)
     g = Generator(**kwargs).to(device)
-    w = torch.randn(batch, g.style_dim, device=device)
-    rows = []
+    return g, torch.randn(batch, g.style_dim, device=device)
 
+
+def generator_passes(g: Generator, z: torch.Tensor) -> Dict[str, Callable[[], None]]:
+    """The two timed passes of ``g`` on z: {"forward": no-grad forward, "forward+backward": forward + backward
+    of the mean squared image (gradients w.r.t. the weights and z)}; they use ``g``'s current impl."""
     def forward():
         with torch.no_grad():
-            g([w])
+            g([z])
 
     def forward_backward():
         g.zero_grad(set_to_none=True)
-        image, _ = g([w.requires_grad_(True)])
+        image, _ = g([z.requires_grad_(True)])
         image.square().mean().backward()
 
+    return {"forward": forward, "forward+backward": forward_backward}
+
+
+def bench_config(name: str, kwargs: Dict, device: str, batch: int, repeats: int) -> List[Dict]:
+    """Measure both impls of one generator config; returns one row per impl."""
+    g, w = seeded_generator(kwargs, device, batch)
+    passes = generator_passes(g, w)
+    forward, forward_backward = passes["forward"], passes["forward+backward"]
+    rows = []
     for impl in ("ref", "fast"):
         g.set_impl(impl)
         flops_f = count_flops(forward)

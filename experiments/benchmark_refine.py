@@ -25,13 +25,9 @@ from lightning_modules.perceptual import LPIPSLoss  # noqa: E402
 from networks.encoder_checkpoints import load_e4e_checkpoint  # noqa: E402
 from networks.encoders import resize_to_encoder  # noqa: E402
 from networks.hybrid_refine import RefineConfig, hybrid_refine  # noqa: E402
+from experiments.benchmark_generator import sync  # noqa: E402
 
 WEIGHTS = ROOT / "experiments" / "weights" / "synthfaces"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> dict:
@@ -62,16 +58,16 @@ def main(argv=None) -> dict:
     hybrid_refine(G, codes[:1], x[:1], in_domain[:1], lpips, RefineConfig(weight_steps=2, feature_steps=2,
                                                                            feature_resolution=args.feature_resolution))
     results = {}
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     state = hybrid_refine(G, codes, x, in_domain, lpips, config)
-    _sync(device)
+    sync(device)
     results["batched"] = (time.perf_counter() - start, state.losses[-1].cpu())
     start, losses = time.perf_counter(), []
     for i in range(args.batch):
         single = hybrid_refine(G, codes[i:i + 1], x[i:i + 1], in_domain[i:i + 1], lpips, config)
         losses.append(single.losses[-1, 0].cpu())
-    _sync(device)
+    sync(device)
     results["sequential"] = (time.perf_counter() - start, torch.stack(losses))
 
     seq_s, seq_loss = results["sequential"]
