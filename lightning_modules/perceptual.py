@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +145,19 @@ class LPIPSLoss(nn.Module):
         finally:
             self.net.spatial = False
         return F.interpolate(dist, size=size, mode="bilinear", align_corners=False) if small else dist
+
+    def layer_maps(self, x: Tensor, y: Tensor) -> List[Tensor]:
+        """Per-layer LPIPS distance maps of images x, y (B, 3, H, W) in [-1, 1], each at its layer's own size:
+        the v0.1 linear head over the squared difference of channel-normalised features, not upsampled (VGG: five
+        maps (B, 1, H / 2^l, W / 2^l), l = 0..4; AlexNet: five maps at its strided sizes). The official DHR error
+        maps (GANInverter's ``keep_res=True``). Images under 32 px are upsampled to 32 px first."""
+        from lpips import normalize_tensor
+
+        if min(x.shape[-2:]) < MIN_SIZE:
+            x, y = (_upsample(t) for t in (x, y))
+        fx = self.net.net.forward(self.net.scaling_layer(x))
+        fy = self.net.net.forward(self.net.scaling_layer(y))
+        return [lin((normalize_tensor(a) - normalize_tensor(b)) ** 2) for lin, a, b in zip(self.net.lins, fx, fy)]
 
     def forward(self, x: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Images x, y (B, 3, H, W) in [-1, 1], optional mask (B or 1, 1, H, W) in [0, 1] -> distances (B,)."""

@@ -7,7 +7,9 @@ pixel MSE and the StyleGAN2 noise auto-correlation penalty. The schedule follows
 down with a cosine over the last ``lr_rampdown`` fraction; Gaussian noise of std
 ``w_std * initial_noise_factor * max(0, 1 - t / noise_ramp) ** 2`` is added to the code during the
 first ``noise_ramp`` fraction; optimised noise maps are renormalised to zero mean / unit variance
-after every step.
+after every step. With ``loss_resolution`` the loss compares the synthesis, optionally clamped to
+[-1, 1], bilinearly resized to that size with the target resized the same way with antialiasing (PIL's
+bilinear resize), as GANInverter's ``OptimizerInference`` scores a 1024 px generator at 256 px.
 
 Batching rule: every image has its own code and noise maps and the loss is the sum of the per-image
 losses, so (Adam being element-wise) images never influence each other. All per-image randomness
@@ -41,12 +43,15 @@ class ProjectionResult:
         the batch when ``noise_mode="fixed"``).
     images: (B, 3, S, S) ``G`` applied to ``codes`` and ``noises`` (no code perturbation).
     loss_history: (steps, B) per-image total loss at every step (CPU).
+    last_step_images: (B, 3, S, S) the synthesis of the last step, before its update (the image GANInverter's DHR
+        measures its error map on).
     """
 
     codes: Tensor
     noises: List[Tensor]
     images: Tensor
     loss_history: Tensor
+    last_step_images: Optional[Tensor] = None
 
 
 def noise_regularization(noises: List[Tensor]) -> Tensor:
@@ -123,6 +128,7 @@ def project(G: nn.Module, images: Tensor, *, perceptual: Perceptual, latent_avg:
             noise_regularize: float = 1e5, mse_weight: float = 0.0, initial_noise_factor: float = 0.05,
             noise_ramp: float = 0.75, lr_rampdown: float = 0.25, lr_rampup: float = 0.05, seed: int = 0,
             w_avg_samples: int = 10000, init_codes: Optional[Tensor] = None,
+            loss_resolution: Optional[int] = None, clamp: bool = False,
             callback: Optional[Callable[[int, dict], None]] = None) -> ProjectionResult:
     """Embed target images into ``G``'s latent space by optimisation (see the module docstring).
 
@@ -146,6 +152,9 @@ def project(G: nn.Module, images: Tensor, *, perceptual: Perceptual, latent_avg:
         seed: image ``b`` draws all its randomness from ``torch.Generator().manual_seed(seed + b)``.
         w_avg_samples: z samples for the W mean / spread (the spread scales the code perturbation).
         init_codes: optional start codes (B, D), (B, 1, D) or (B, n_latent, D) (W+ only), e.g. encoder output.
+        loss_resolution: side of the images the loss compares (None: G.size, nothing resized); the synthesis is
+            resized bilinearly, the target bilinearly with antialiasing.
+        clamp: clamp the synthesis to [-1, 1] before the loss (GANInverter's coarse inversion does).
         callback: called after every step as ``callback(step, {"codes" (B,n_latent,D), "images"
             (B,3,S,S) (this step's synthesis), "loss" (B,)})`` with detached tensors.
     Returns:
@@ -157,6 +166,8 @@ def project(G: nn.Module, images: Tensor, *, perceptual: Perceptual, latent_avg:
         raise ValueError(f"project: noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
     if steps < 1:
         raise ValueError(f"project: steps must be >= 1, got {steps}")
+    if loss_resolution is not None and (isinstance(loss_resolution, bool) or int(loss_resolution) < 1):
+        raise ValueError(f"project: loss_resolution must be a positive size or None, got {loss_resolution!r}")
     if not torch.is_tensor(images) or images.ndim != 4 or tuple(images.shape[1:]) != (3, G.size, G.size):
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"project: images must be (B, 3, {G.size}, {G.size}) for this generator, got {shape}")
@@ -165,7 +176,7 @@ def project(G: nn.Module, images: Tensor, *, perceptual: Perceptual, latent_avg:
     if g_device != device:
         raise ValueError(f"project: generator is on {g_device} but images are on {device}")
     batch = images.shape[0]
-    target = images.detach().float()
+    target = _resized(images.detach().float(), loss_resolution, antialias=True)
 
     modules = [G] + ([perceptual] if isinstance(perceptual, nn.Module) else [])
     saved_flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
@@ -205,14 +216,15 @@ def project(G: nn.Module, images: Tensor, *, perceptual: Perceptual, latent_avg:
             else:
                 ws = code
             synth = G.synthesize(ws.expand(batch, G.n_latent, G.style_dim), noise=noises).image
+            scored = _resized(synth.clamp(-1, 1) if clamp else synth, loss_resolution, antialias=False)
 
-            loss = perceptual(synth, target)
+            loss = perceptual(scored, target)
             if not torch.is_tensor(loss) or loss.shape != (batch,):
                 got = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
                 raise ValueError(f"project: perceptual must return one distance per image, shape ({batch},), "
                                  f"got {got}")
             if mse_weight:
-                loss = loss + mse_weight * (synth - target).square().mean(dim=(1, 2, 3))
+                loss = loss + mse_weight * (scored - target).square().mean(dim=(1, 2, 3))
             if noise_mode == "optimise" and noise_regularize:
                 loss = loss + noise_regularize * noise_regularization(noises)
 
@@ -238,7 +250,16 @@ def project(G: nn.Module, images: Tensor, *, perceptual: Perceptual, latent_avg:
         for p, flag in saved_flags:
             p.requires_grad_(flag)
         G.train(was_training)
-    return ProjectionResult(codes=codes, noises=final_noises, images=final, loss_history=torch.stack(history))
+    return ProjectionResult(codes=codes, noises=final_noises, images=final, loss_history=torch.stack(history),
+                            last_step_images=synth.detach())
+
+
+def _resized(images: Tensor, size: Optional[int], antialias: bool) -> Tensor:
+    """Images (B, 3, S, S) bilinearly resized to (B, 3, size, size) (unchanged when size is None or S)."""
+    if size is None or tuple(images.shape[-2:]) == (int(size), int(size)):
+        return images
+    return F.interpolate(images, size=(int(size), int(size)), mode="bilinear", align_corners=False,
+                         antialias=antialias)
 
 
 __all__ = ["ProjectionResult", "project", "noise_regularization", "learning_rate", "latent_stats"]

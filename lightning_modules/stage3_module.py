@@ -16,9 +16,9 @@ dhr           domain-specific segmentation, then weights on the in-domain part, 
 ============  ======================================================================================
 
 Segmentation (``segmentation.source``): ``error_superpixels`` = the official DSS (a coarse W projection, its
-per-pixel LPIPS error, SLIC superpixels, per-region thresholds by face-parser class, parser classes that are
-always OOD); ``align_mask`` = the stage-2 invertibility mask (no parser needed); ``both`` = in-domain only where
-both agree.
+per-layer LPIPS-VGG error maps pooled per SLIC superpixel, per-region thresholds by face-parser class, parser
+classes that are always OOD); ``align_mask`` = the stage-2 invertibility mask (no parser needed); ``both`` =
+in-domain only where both agree.
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ from lightning_modules.stage1_handoff import FrozenStage1
 from lightning_modules.stage1_module import batch_images
 from networks.align_mask import load_align_mask
 from networks.checkpoints import CheckpointError, weights_fingerprint
-from networks.domain_segmentation import (SEGMENTATION_SOURCES, align_mask_in_domain, combine_sources,
-                                          error_superpixel_mask, superpixels)
+from networks.domain_segmentation import (ERROR_SCORINGS, SEGMENTATION_SOURCES, SLIC_INPUTS, align_mask_in_domain,
+                                          combine_sources, region_error, region_score_mask, superpixels,
+                                          upsampled_error)
 from networks.editing import apply_ganspace, apply_interfacegan, load_direction, load_ganspace
 from networks.hybrid_refine import WEIGHT_FORMATS, RefineConfig, RefineState, decode, hybrid_refine, state_for_image
 
@@ -54,8 +55,13 @@ SUMMARY_COLUMNS = [("psnr", "PSNR"), ("ssim", "SSIM"), ("mse", "MSE"), ("psnr_in
                    ("edit_ood_psnr", "OOD PSNR under edit"), ("seconds", "s / image")]
 SEGMENTATION_DEFAULTS: Dict[str, Any] = {
     "source": "error_superpixels",
-    "coarse": {"steps": 40, "lr": 0.1},               # official: W only, 40 steps, LPIPS, noise optimised
+    # official: W only, 40 steps, LPIPS, noise optimised; loss at 256 px on the clamped synthesis; the error map on
+    # the last step's image (before its update). resolution null = the image size, no resize
+    "coarse": {"steps": 40, "lr": 0.1, "resolution": 256, "clamp": True, "error_image": "last_step"},
+    "lpips": {"net": "vgg", "backbone_weights": None, "allow_random_backbone": False},  # null = share model.lpips
+    "error_scoring": "official_per_layer",             # | upsampled_sum (see networks.domain_segmentation)
     "superpixels": {"n_segments": 200, "compactness": 30.0, "sigma": 1.0},
+    "slic_input": "bgr_uint8",                         # | rgb_float
     "parser": None,                                    # face-parser file; null = no parsing
     "parser_kind": "synthfaces",                       # synthfaces | bisenet (face-parsing.PyTorch 79999_iter.pth)
     "classes": None,                                   # class names in index order (null: the parser's own)
@@ -94,6 +100,19 @@ def _apply_edit(edit: Mapping[str, Any], codes: Tensor, strength: float) -> Tens
     return apply_ganspace(codes, edit["pca"].to(codes.device), edit["component"], edit["start"], edit["end"], strength)
 
 
+def check_segmentation(seg: Mapping[str, Any]) -> None:
+    """ValueError naming the ``model.segmentation`` key whose value is not one of its choices."""
+    choices = {"error_scoring": (seg["error_scoring"], ERROR_SCORINGS),
+               "slic_input": (seg["slic_input"], SLIC_INPUTS),
+               "coarse.error_image": (seg["coarse"]["error_image"], ("last_step", "final"))}
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ValueError(f"model.segmentation.{key}={value!r}; choose one of {', '.join(valid)}")
+    res = seg["coarse"]["resolution"]
+    if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res < 1):
+        raise ValueError(f"model.segmentation.coarse.resolution={res!r}; a positive size or null (the image size)")
+
+
 def _merge(defaults: Mapping, given: Optional[Mapping]) -> Dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in defaults.items()}
     for k, v in dict(to_plain(given or {})).items():
@@ -113,8 +132,8 @@ class RefineModule(FrozenStage1, pl.LightningModule):
             feature 100 steps at 9e-2, feature at G.size // 8).
         pti: {steps, lr} of the weights-only baseline (official PTI: 350 steps, 3e-4).
         feature_only: {steps, lr} of the feature-only baseline (default: DHR's feature settings).
-        segmentation: see ``SEGMENTATION_DEFAULTS``.
-        lpips: ``LPIPSLoss`` kwargs (refinement losses, error maps, metric).
+        segmentation: see ``SEGMENTATION_DEFAULTS`` (its ``lpips``: the DSS net's ``LPIPSLoss`` kwargs, official VGG).
+        lpips: ``LPIPSLoss`` kwargs (refinement losses and metric; official AlexNet).
         edit: evaluation edit {direction, strength, attribute, classifier} as in stage 2 (null = none).
         edits: ``mode=invert`` edits written per image: ``[{name, kind: interfacegan, path, strengths, layers}]``
             or ``[{name, kind: ganspace, path, component, start, end, strengths}]``.
@@ -142,12 +161,16 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         if self.segmentation["source"] not in SEGMENTATION_SOURCES:
             raise ValueError(f"model.segmentation.source={self.segmentation['source']!r}; choose one of "
                              f"{', '.join(SEGMENTATION_SOURCES)}")
+        check_segmentation(self.segmentation)
         self.refine_config = self._refine_config(dict(to_plain(refine or {})), dict(to_plain(pti or {})),
                                                  dict(to_plain(feature_only or {})))
         self.align_net = self._load_align_net(align_mask_checkpoint) if self._needs_align_mask() else \
             self._grid_align_net(align_mask_checkpoint)
         self.parser, self.class_ids = self._load_parser() if self._needs_error_map() else (None, {})
         self.lpips = LPIPSLoss(**to_plain(lpips or {}))
+        seg_lpips = self.segmentation["lpips"] if self._needs_error_map() else None
+        self.segmentation_lpips = None if seg_lpips is None else \
+            LPIPSLoss(**seg_lpips, key="model.segmentation.lpips.backbone_weights")
         # a plain dict, not a submodule: the scorer stays out of checkpoints
         self.edit = load_edit_scorer(to_plain(edit or {}), self.generator.style_dim)
         self.edits = [self._load_output_edit(dict(e)) for e in to_plain(edits or [])]
@@ -253,16 +276,15 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         seg, out = self.segmentation, {}
         error_in = align_in = None
         if seg["source"] != "align_mask":
-            coarse = project(self.generator, images, perceptual=self.lpips, latent_avg=self.latent_avg[0], space="w",
-                             steps=int(seg["coarse"]["steps"]), lr=float(seg["coarse"]["lr"]), seed=self.hparams.seed)
+            maps = self.coarse_error_maps(images)
             with torch.no_grad():
-                error = self.lpips.spatial_map(coarse.images, images)
-                labels = superpixels(images, **seg["superpixels"])
+                labels = superpixels(images, **seg["superpixels"], slic_input=seg["slic_input"])
                 probs = self.parser.probabilities(images) if self.parser is not None else None
             thresholds = {self.class_ids[k]: float(v) for k, v in seg["thresholds"].items()}
-            error_in = error_superpixel_mask(error, labels, probs, thresholds, float(seg["default_threshold"]),
-                                             [self.class_ids[c] for c in seg["ood_classes"]])
-            out.update(error_map=error, error_in_domain=error_in)
+            scores = region_error(maps, labels, seg["error_scoring"])
+            error_in = region_score_mask(scores, labels, probs, thresholds, float(seg["default_threshold"]),
+                                         [self.class_ids[c] for c in seg["ood_classes"]])
+            out.update(error_map=upsampled_error(maps, images.shape[-2:]), error_in_domain=error_in)
         if seg["source"] != "error_superpixels":
             with torch.no_grad():
                 mask = self.align_net(self.generator, codes, taps, images).mask
@@ -270,6 +292,18 @@ class RefineModule(FrozenStage1, pl.LightningModule):
             out["align_mask"] = mask
         out["in_domain"] = combine_sources(seg["source"], error_in, align_in)
         return out
+
+    def coarse_error_maps(self, images: Tensor) -> List[Tensor]:
+        """The DSS error cue of images (B, 3, S, S): per-layer LPIPS maps (``model.segmentation.lpips``, null = the
+        refinement's net) between a coarse W projection (``model.segmentation.coarse``) and the images."""
+        net = self.lpips if self.segmentation_lpips is None else self.segmentation_lpips
+        c = self.segmentation["coarse"]
+        coarse = project(self.generator, images, perceptual=net, latent_avg=self.latent_avg[0], space="w",
+                         steps=int(c["steps"]), lr=float(c["lr"]), seed=self.hparams.seed,
+                         loss_resolution=c["resolution"], clamp=bool(c["clamp"]))
+        image = coarse.last_step_images if c["error_image"] == "last_step" else coarse.images
+        with torch.no_grad():
+            return net.layer_maps(image, images)
 
     def invert(self, images: Tensor) -> Dict[str, Any]:
         """Invert (and refine) images (B, 3, S, S) in [-1, 1] with ``method``; needs autograd enabled.

@@ -43,8 +43,8 @@ def files(tmp_path_factory):
 def make_module(files, method="dhr", **kwargs):
     pl.seed_everything(0, verbose=False)
     opts = dict(FAST, encoder_checkpoint=files["encoder"], method=method, align_mask_checkpoint=files["align"],
-                segmentation=dict(source="both", parser=files["parser"], coarse=dict(steps=2),
-                                  superpixels=dict(n_segments=20), thresholds={"skin": 0.07},
+                segmentation=dict(source="both", parser=files["parser"], coarse=dict(steps=2, resolution=None),
+                                  lpips=None, superpixels=dict(n_segments=20), thresholds={"skin": 0.07},
                                   ood_classes=["background"]),
                 edit=dict(direction=files["direction"], classifier=files["classifier"], strength=2.0), n_grid=2)
     opts.update(kwargs)
@@ -227,6 +227,7 @@ def test_dhr_with_a_bisenet_parser_uses_its_class_names(files, tmp_path):
     path = tmp_path / "79999_iter.pth"
     torch.save(BiSeNet(19).state_dict(), path)
     module = make_module(files, segmentation=dict(source="error_superpixels", parser=str(path), parser_kind="bisenet",
+                                                  coarse=dict(resolution=None), lpips=None,
                                                   thresholds={"skin": 0.7, "nose": 0.8}, default_threshold=0.6,
                                                   ood_classes=["background", "cloth", "hat", "ear_r", "neck_l"]))
     assert module.class_ids["skin"] == 1 and module.class_ids["hat"] == 18

@@ -48,7 +48,8 @@ def files(tmp_path_factory):
 def make_module(files, method="dhr", **kwargs):
     pl.seed_everything(0, verbose=False)
     opts = dict(FAST, encoder_checkpoint=files["encoder"], method=method, align_mask_checkpoint=files["align"],
-                segmentation=dict(parser=files["parser"], coarse=dict(steps=2), superpixels=dict(n_segments=20)),
+                segmentation=dict(parser=files["parser"], coarse=dict(steps=2, resolution=None), lpips=None,
+                                  superpixels=dict(n_segments=20)),
                 edits=[{"name": "smile", "kind": "interfacegan", "path": files["direction"], "strengths": [-3.0, 3.0]}])
     opts.update(kwargs)
     return RefineModule(**opts)
