@@ -5,16 +5,22 @@ stay frozen. ``networks.align_mask.AlignMaskNet`` warps the generator's features
 taps and predicts, per level, the invertibility mask alpha (1 = not invertible: copy from the input);
 the output blends ``mask * input + (1 - mask) * generated``. Losses, all against the input:
 
-* pixel MSE (weight ``pixel``), LPIPS (``perceptual``; a random backbone only when opted in, then
-  logged as "lpips-random"), ID (``identity``, only with ArcFace weights);
-* adversarial: a StyleGAN2 discriminator trained from scratch, non-saturating (``adversarial``);
+* pixel MSE (weight ``pixel``); perceptual (``perceptual``) and Gram style (``style``) terms: LPIPS + Gram on its
+  backbone (``perceptual_kind: lpips``, ours; a random backbone only when opted in, then logged as "lpips-random")
+  or the official VGG19 pre-ReLU L1 + Gram (``perceptual_kind: vgg19``, ``lightning_modules.vgg_perceptual``);
+  ID (``identity``, only with ArcFace weights);
+* adversarial: a StyleGAN2 discriminator trained from scratch, non-saturating (``adversarial``). The official G step
+  scores D(output.detach()): the term is logged but sends no gradient (``adversarial_grad: false``); ours lets it
+  train the module (``adversarial_grad: true``);
 * mask binarisation ``mean(min(alpha, 1 - alpha))`` per level and on the fused mask (``binarization``);
 * mask area hinge ``max(0, mean(alpha) - limit)`` per level and fused (``area``, ``area_limits``);
 * optional, not in the official recipe: binary cross-entropy of the fused mask against the exact masks of the
   noise patches pasted on training images (``patch_supervision``; clean images are pulled to mask 0).
 
 Without the area hinge the trivial solution is mask = 1 everywhere (output = input). Levels are
-switched on progressively (``level_milestones``: the step at which each level starts). An EMA copy of
+switched on progressively (``level_milestones``: the step at which each level starts; official: every 4k steps
+after 2k). ``lr_schedule`` multiplies both learning rates by ``gamma`` every ``step`` steps (official 0.75 / 15k);
+``train_randomize_noise`` draws fresh generator noise for every training forward (official). An EMA copy of
 the trainable network is what validation, test and the hand-off use (the official ``params_ema``).
 Hand-off: ``<run_dir>/align_mask.pt`` ``{"state_dict", "config", "meta"}``.
 """
@@ -34,6 +40,7 @@ from lightning_modules.edit_metrics import edit_scores, edited_codes, load_edit_
 from lightning_modules.gan_losses import d_logistic_loss, g_nonsaturating_loss
 from lightning_modules.metrics import MetricTable, image_metrics, loader_size, mask_metrics, method_comparison
 from lightning_modules.perceptual import LPIPSLoss
+from lightning_modules.vgg_perceptual import VGGPerceptualLoss
 from lightning_modules.plain import to_plain
 from lightning_modules.stage1_handoff import FrozenStage1
 from lightning_modules.stage1_module import batch_images
@@ -49,6 +56,19 @@ SUMMARY_COLUMNS = [("psnr", "PSNR"), ("ssim", "SSIM"), ("mse", "MSE"), ("psnr_in
                    ("best_iou", "best IoU (swept)"), ("edit_success", "edit success"),
                    ("edit_ood_psnr", "OOD PSNR under edit")]
 Tensor = torch.Tensor
+PERCEPTUAL_KINDS = ("lpips", "vgg19")
+
+
+def resolve_milestones(spec, n_levels: int) -> List[int]:
+    """The step at which each of ``n_levels`` levels starts: ``spec`` = None (all at 0), a list (one per level), or
+    {"start": s, "step": d} (official progressive schedule: 0, s, s + d, s + 2d, ...; official s = 2000, d = 4000)."""
+    if spec is None:
+        return [0] * n_levels
+    if isinstance(spec, Mapping):
+        if set(spec) != {"start", "step"}:
+            raise ValueError(f"AlignMaskModule: model.level_milestones={dict(spec)} must be a list or {{start, step}}")
+        return [0] + [int(spec["start"]) + int(spec["step"]) * k for k in range(n_levels - 1)]
+    return [int(m) for m in spec]
 
 
 class AlignMaskModule(FrozenStage1, pl.LightningModule):
@@ -59,18 +79,29 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         generator_checkpoint: optional generator file; when given it must hold the same generator as the
             encoder file (same config and weights), else a CheckpointError names both files.
         levels: resolutions of the levels (null = ``networks.align_mask.default_levels(G.size)``).
-        warp_scale, cycles, blur_padding: ``AlignMaskNet`` settings (official: 0.08, 2).
+        warp_scale, cycles: ``AlignMaskNet`` settings (official: 0.08, 2).
+        blur_padding, warp_grid, gate_interpolation: the resampling choices of ``AlignMaskNet`` (official "zeros",
+            "linspace", "bicubic"; ours "replicate", "identity", "bilinear"), saved in the hand-off.
         alpha_init: starting alpha logit of every level (official 0, i.e. masks start at 0.5; a negative value
             starts below the area limits, so the area hinge does not dominate the first steps).
         error_cue: add the stage-1 reconstruction error |x - G(codes)| to the alpha logits through a learned
             3x3 conv (not in the official model; see ``networks.align_mask.AlignMaskNet``).
-        level_milestones: step at which each level becomes active (one per level, first 0).
+        level_milestones: step at which each level becomes active: a list (one per level, first 0), null (all at 0),
+            or {start, step} (official {2000, 4000}: 0, 2k, 6k, 10k).
         lr, betas: Adam of the trainable network and of the discriminator (official 2e-5, (0, 0.99)).
+        lr_schedule: null (constant) or {step, gamma}: both learning rates times gamma every ``step`` training steps
+            (official {15000, 0.75}, BasicSR ``MultiStepLR``).
+        train_randomize_noise: fresh generator noise in every training forward (official); false = the stored maps
+            used at test.
         pixel, perceptual, style, identity_weight, adversarial, binarization, area: loss weights (official 1, 1,
-            50, 0.1, 0.5, 0.2 = 5 masks x 0.04, 5). The style (Gram) loss runs only with real LPIPS backbone
-            weights: Gram matrices of a random backbone mean nothing.
+            50, 0.1, 0.5, 0.2 = 5 masks x 0.04, 5). With ``perceptual_kind: lpips`` the style (Gram) loss runs only
+            with real LPIPS backbone weights: Gram matrices of a random backbone mean nothing.
+        perceptual_kind: "lpips" (ours: LPIPS + Gram on its backbone) or "vgg19" (official: BasicSR's VGG19
+            pre-ReLU L1 + Gram, ``vgg`` = ``VGGPerceptualLoss`` kwargs).
+        adversarial_grad: false = the official G step (D scores the detached output: logged, no gradient);
+            true = ours (the term trains the module).
         area_limits: per-level limits of the mean mask (keys: level resolution or "fused").
-        lpips, identity: ``LPIPSLoss`` / ``IDLoss`` kwargs.
+        lpips, identity, vgg: ``LPIPSLoss`` (also the evaluation metric) / ``IDLoss`` / ``VGGPerceptualLoss`` kwargs.
         ema_decay: EMA of the trainable network (official 0.5 ** (32 / 10000)).
         discriminator: ``networks.stylegan2.Discriminator`` kwargs besides ``size``.
         n_grid: images in the validation grid.
@@ -87,17 +118,22 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
 
     def __init__(self, encoder_checkpoint: str, generator_checkpoint: Optional[str] = None,
                  levels: Optional[Sequence[int]] = None, warp_scale: float = 0.08, cycles: int = 2,
-                 blur_padding: str = "replicate", alpha_init: float = 0.0, error_cue: bool = False,
-                 level_milestones: Optional[Sequence[int]] = None,
-                 lr: float = 2e-5, betas: Sequence[float] = (0.0, 0.99), pixel: float = 1.0,
-                 perceptual: float = 1.0, style: float = 50.0, identity_weight: float = 0.0, adversarial: float = 0.5,
-                 binarization: float = 0.2, area: float = 5.0, area_limits: Optional[Mapping] = None,
-                 lpips: Optional[dict] = None, identity: Optional[dict] = None, ema_decay: float = 0.99778,
-                 discriminator: Optional[dict] = None, n_grid: int = 8, train_patches: Optional[dict] = None,
-                 edit: Optional[dict] = None, patch_supervision: float = 0.0):
+                 blur_padding: str = "zeros", alpha_init: float = 0.0, error_cue: bool = False,
+                 level_milestones=None, lr: float = 2e-5, betas: Sequence[float] = (0.0, 0.99),
+                 pixel: float = 1.0, perceptual: float = 1.0, style: float = 50.0, identity_weight: float = 0.0,
+                 adversarial: float = 0.5, binarization: float = 0.2, area: float = 5.0,
+                 area_limits: Optional[Mapping] = None, lpips: Optional[dict] = None, identity: Optional[dict] = None,
+                 ema_decay: float = 0.99778, discriminator: Optional[dict] = None, n_grid: int = 8,
+                 train_patches: Optional[dict] = None, edit: Optional[dict] = None, patch_supervision: float = 0.0,
+                 warp_grid: str = "linspace", gate_interpolation: str = "bicubic", lr_schedule: Optional[dict] = None,
+                 train_randomize_noise: bool = False, adversarial_grad: bool = True, perceptual_kind: str = "lpips",
+                 vgg: Optional[dict] = None):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        if not encoder_checkpoint:
+            raise ValueError("model.encoder_checkpoint is required: the stage-1 hand-off encoder.pt (or an official "
+                             "e4e_ffhq_encode.pt)")
         self.load_stage1(encoder_checkpoint)
         if generator_checkpoint:
             self._check_same_generator(Path(generator_checkpoint).expanduser())
@@ -107,9 +143,10 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         enc_size = int(self.encoder.config["input_size"])
         self.net = AlignMaskNet(dict(self.generator.channels), dict(self.encoder.feature_channels), self.level_list,
                                 enc_size, warp_scale=warp_scale, cycles=cycles, blur_padding=blur_padding,
-                                alpha_init=alpha_init, error_cue=error_cue)
+                                alpha_init=alpha_init, error_cue=error_cue, warp_grid=warp_grid,
+                                gate_interpolation=gate_interpolation)
         self.net_ema = copy.deepcopy(self.net).requires_grad_(False)
-        milestones = list(level_milestones) if level_milestones is not None else [0] * len(self.level_list)
+        milestones = resolve_milestones(level_milestones, len(self.level_list))
         if len(milestones) != len(self.level_list) or milestones != sorted(milestones) or milestones[0] != 0:
             raise ValueError(f"AlignMaskModule: model.level_milestones={milestones} must give one ascending step per "
                              f"level {self.level_list}, starting at 0")
@@ -118,6 +155,13 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         self.area_limits = {str(r): limits.get(str(r), 0.3 if i < 2 else 0.2) for i, r in enumerate(self.level_list)}
         self.area_limits["fused"] = limits.get("fused", 0.2)
         self.lpips = LPIPSLoss(**to_plain(lpips or {}))
+        if perceptual_kind not in PERCEPTUAL_KINDS:
+            raise ValueError(f"AlignMaskModule: model.perceptual_kind={perceptual_kind!r}; choose one of "
+                             f"{', '.join(PERCEPTUAL_KINDS)}")
+        self.vgg = VGGPerceptualLoss(**to_plain(vgg or {})) if perceptual_kind == "vgg19" else None
+        if lr_schedule and (set(lr_schedule) != {"step", "gamma"} or int(lr_schedule["step"]) < 1):
+            raise ValueError(f"AlignMaskModule: model.lr_schedule={dict(lr_schedule)} must be null or {{step >= 1, "
+                             f"gamma}}")
         self.id_loss = None
         if identity_weight > 0:
             from lightning_modules.identity import IDLoss
@@ -178,7 +222,12 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         opts = [torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr, betas=betas)]
         if self.discriminator is not None:
             opts.append(torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr, betas=betas))
-        return opts
+        schedule = self.hparams.lr_schedule
+        if not schedule:
+            return opts
+        # stepped by training_step once per training step (manual optimisation)
+        return opts, [torch.optim.lr_scheduler.StepLR(o, step_size=int(schedule["step"]), gamma=float(schedule["gamma"]))
+                      for o in opts]
 
     def training_step(self, batch, batch_idx: int) -> None:
         self.generator.eval()
@@ -191,7 +240,8 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
         codes, taps = self.encode(x)
-        out = self.net(self.generator, codes, taps, x, active_levels=active)
+        noise = [None] * self.generator.num_layers if self.hparams.train_randomize_noise else None
+        out = self.net(self.generator, codes, taps, x, active_levels=active, noise=noise)
         logs: Dict[str, Tensor] = {}
         if self.discriminator is not None:
             self.toggle_optimizer(opts[1])
@@ -206,10 +256,16 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         self.manual_backward(loss)
         opts[0].step()
         self._update_ema()
+        self._step_schedulers()
         logs.update({f"train/{k}": v for k, v in parts.items()})
         logs["train/loss"] = loss.detach()
         logs["train/active_levels"] = torch.tensor(float(len(active)))
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=x.shape[0])
+
+    def _step_schedulers(self) -> None:
+        schedulers = self.lr_schedulers() if self.hparams.lr_schedule else None
+        for sched in (schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []):
+            sched.step()
 
     def on_validation_epoch_start(self) -> None:
         self.val_table = MetricTable()
@@ -240,17 +296,25 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         hp = self.hparams
         parts: Dict[str, Tensor] = {"pixel": F.mse_loss(out.output, x)}
         loss = hp.pixel * parts["pixel"]
-        if hp.perceptual > 0:
+        if self.vgg is not None and (hp.perceptual > 0 or hp.style > 0):
+            name = self.vgg.metric_name
+            parts[name], parts[f"{name}_style"] = self.vgg(out.output, x)
+            loss = loss + hp.perceptual * parts[name] + hp.style * parts[f"{name}_style"]
+        if self.vgg is None and hp.perceptual > 0:
             parts[self.lpips.metric_name] = self.lpips(out.output, x).mean()
             loss = loss + hp.perceptual * parts[self.lpips.metric_name]
-        if hp.style > 0 and self.lpips.metric_name == "lpips":
+        if self.vgg is None and hp.style > 0 and self.lpips.metric_name == "lpips":
             parts["style"] = self.lpips.style_distance(out.output, x).mean()
             loss = loss + hp.style * parts["style"]
         if self.id_loss is not None:
             parts[self.id_loss.metric_name] = self.id_loss(out.output, x).mean()
             loss = loss + hp.identity_weight * parts[self.id_loss.metric_name]
-        if self.discriminator is not None:
+        if self.discriminator is not None and hp.adversarial_grad:
             parts["adv"] = g_nonsaturating_loss(self.discriminator(out.output))
+            loss = loss + hp.adversarial * parts["adv"]
+        elif self.discriminator is not None:  # official: D scores the detached output, a constant for the module
+            with torch.no_grad():
+                parts["adv"] = g_nonsaturating_loss(self.discriminator(out.output.detach()))
             loss = loss + hp.adversarial * parts["adv"]
         masks = {str(r): a for r, a in out.alphas.items()}
         if masks:

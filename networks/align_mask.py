@@ -10,15 +10,26 @@ Mask polarity (used everywhere in this module): **alpha = 1 means "not invertibl
 pixel from the input image"**; alpha = 0 means "in domain: keep the generator's pixel". The same alpha also
 gates the feature warp (the warp only acts where alpha > 0), as in the official code.
 
-Differences from the official implementation (all deliberate, see methods.md §2.12):
-- features are replaced through ``Generator.synthesize(edits=...)`` instead of hijacking NoiseInjection;
-- one resampling everywhere: bilinear, align_corners=False (coarse-alpha gating and mask fusion);
-  encoder taps of the wrong size are resized bilinearly with antialiasing;
-- ``warp`` uses the exact identity grid of ``grid_sample(align_corners=False)`` (pixel centres), so a zero
-  flow is an exact identity; the official ``linspace(-1, 1)`` grid is the align_corners=True grid and
-  shrinks every feature map by one pixel's worth even with zero flow;
+Three resampling choices are options of ``AlignMaskNet`` (official values are the defaults; official weights were
+trained for the official function and must run with it):
+- ``blur_padding``: "zeros" (official: the [1,3,3,1] blur of the (dx, dy, alpha) maps pads with zeros, which pulls
+  the top/left border towards 0) or "replicate" (ours: no attenuation of masks that touch the border);
+- ``warp_grid``: "linspace" (official: ``torch.linspace(-1, 1)`` nodes sampled by ``grid_sample(align_corners=False)``,
+  so a zero flow still shrinks the map by one pixel's worth) or "identity" (ours: pixel-centre grid, a zero flow is
+  an exact identity);
+- ``gate_interpolation``: how the coarser level's alpha is resized before it gates a finer level: "bicubic" (official,
+  align_corners=True) or "bilinear" (ours, align_corners=False; the same resampling as the mask fusion).
+Files written before these options existed (the shipped SynthFaces hand-off) were trained with the "replicate",
+"identity", "bilinear" variants; ``load_align_mask`` runs them with those (``LEGACY_MATHS``).
+
+Other differences from the official implementation (engineering, no maths change):
+- features are replaced through ``Generator.synthesize(edits=...)`` instead of hijacking NoiseInjection (the
+  official callback divides by the noise strength);
+- encoder taps of the wrong size are resized bilinearly with antialiasing (the official taps always fit);
 - flows are clamped to [-warp_scale, warp_scale] after every cycle (the official code clamps only from the
   second cycle on; mathematically the first clamp is a no-op, it only removes float round-off).
+Official checkpoints (``net_g_*.pth``) are converted by ``networks.convert_ood_official``; ``load_align_mask``
+reads them directly.
 """
 from __future__ import annotations
 
@@ -36,6 +47,12 @@ from networks.stylegan2.layers import Blur
 
 TAP_STRIDES = {"f0": 1, "f1": 2, "f2": 4, "f3": 8, "f4": 16}
 BLUR_PADDINGS = ("zeros", "replicate")
+WARP_GRIDS = ("linspace", "identity")
+GATE_INTERPOLATIONS = ("bicubic", "bilinear")
+# the published function (defaults of every constructor here)
+OFFICIAL_MATHS = {"blur_padding": "zeros", "warp_grid": "linspace", "gate_interpolation": "bicubic"}
+# what hand-offs written before these options existed were trained with (the shipped SynthFaces align_mask.pt)
+LEGACY_MATHS = {"blur_padding": "replicate", "warp_grid": "identity", "gate_interpolation": "bilinear"}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -89,35 +106,55 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
                          antialias=x.shape[-1] > size or x.shape[-2] > size)
 
 
-def warp(feature: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+def _check_choice(owner: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {choices}, got {value!r}")
+
+
+def warp(feature: torch.Tensor, flow: torch.Tensor, grid: str = "linspace") -> torch.Tensor:
     """Backward-warp ``feature`` (B, C, H, W) by ``flow`` (B, 2, H, W) -> (B, C, H, W).
 
     ``flow`` is in normalised grid units ([-1, 1] spans the map; channel 0 = x / width, channel 1 = y /
     height): output(y, x) samples feature at (x + flow_x, y + flow_y). Bilinear, zeros padding,
-    align_corners=False, with the exact identity grid (zero flow returns ``feature`` unchanged).
+    align_corners=False. ``grid``: "linspace" (official: base grid ``linspace(-1, 1, n)``, whose nodes are the
+    align_corners=True positions, so with a zero flow the output is the map shrunk by (n - 1) / n about its centre,
+    its outermost pixels half zero padding) or
+    "identity" (pixel centres ``linspace(-1 + 1/n, 1 - 1/n, n)``: a zero flow returns ``feature`` unchanged).
     """
+    _check_choice("warp", "grid", grid, WARP_GRIDS)
     if feature.ndim != 4 or flow.ndim != 4 or flow.shape[1] != 2 or flow.shape[0] != feature.shape[0] \
             or flow.shape[-2:] != feature.shape[-2:]:
         raise ValueError(f"warp: feature (B, C, H, W) and flow (B, 2, H, W) must agree, got "
                          f"{tuple(feature.shape)} and {tuple(flow.shape)}")
     h, w = feature.shape[-2:]
-    # pixel centres in grid_sample(align_corners=False) coordinates
-    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=flow.device, dtype=flow.dtype)
-    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=flow.device, dtype=flow.dtype)
+    if grid == "identity":  # pixel centres in grid_sample(align_corners=False) coordinates
+        ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=flow.device, dtype=flow.dtype)
+        xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=flow.device, dtype=flow.dtype)
+    else:
+        ys = torch.linspace(-1, 1, h, device=flow.device, dtype=flow.dtype)
+        xs = torch.linspace(-1, 1, w, device=flow.device, dtype=flow.dtype)
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    grid = torch.stack([gx, gy], dim=-1).unsqueeze(0) + flow.permute(0, 2, 3, 1)
-    return F.grid_sample(feature, grid.to(feature.dtype), mode="bilinear", padding_mode="zeros",
+    grid_xy = torch.stack([gx, gy], dim=-1).unsqueeze(0) + flow.permute(0, 2, 3, 1)
+    return F.grid_sample(feature, grid_xy.to(feature.dtype), mode="bilinear", padding_mode="zeros",
                          align_corners=False)
 
 
-def gate(alpha: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+def gate(alpha: torch.Tensor, coarse: torch.Tensor, interpolation: str = "bicubic") -> torch.Tensor:
     """Official "PRM" update ``clip(alpha * U + U * (1 - U), 0, 1)`` with U = ``coarse`` resized to alpha's size.
 
     alpha (B, 1, H, W), coarse (B, 1, h, w), both in [0, 1] (1 = copy from input). Where U = 0 the result
     is 0 (a finer level can only mark pixels inside the coarse OOD region), where U = 1 it is ``alpha``;
     in between it is ``U * (alpha + 1 - U)``, i.e. partly-uncertain coarse pixels keep some mask on their own.
+    ``interpolation``: "bicubic" (official, align_corners=True; may overshoot [0, 1] next to steps before the
+    final clip) or "bilinear" (align_corners=False, antialiased when shrinking).
     """
-    u = _resize(coarse, alpha.shape[-1]) if coarse.shape[-2:] != alpha.shape[-2:] else coarse
+    _check_choice("gate", "interpolation", interpolation, GATE_INTERPOLATIONS)
+    if coarse.shape[-2:] == alpha.shape[-2:]:
+        u = coarse
+    elif interpolation == "bicubic":
+        u = F.interpolate(coarse, size=alpha.shape[-2:], mode="bicubic", align_corners=True)
+    else:
+        u = _resize(coarse, alpha.shape[-1])
     return torch.clamp(alpha * u + u * (1 - u), 0.0, 1.0)
 
 
@@ -134,7 +171,7 @@ def fuse_masks(alphas: Mapping[int, torch.Tensor], size: int) -> torch.Tensor:
     fused = None
     for r in sorted(alphas, key=int):
         up = _resize(alphas[r], size)
-        fused = up.clamp(0.0, 1.0) if fused is None else gate(up, fused)
+        fused = up.clamp(0.0, 1.0) if fused is None else gate(up, fused)  # same size: no resampling
     return fused
 
 
@@ -182,14 +219,13 @@ class AlignNet(nn.Module):
     normalised, so the blur keeps the bounds; with ``blur_padding="zeros"`` (official) the zero padding
     pulls the outermost rows/columns towards 0 (top/left edge: at most 1/2 of the interior value, corner
     1/4), so a mask could never reach 1 along the top/left border (occluders that enter from an edge);
-    ``"replicate"`` (the default here) avoids that attenuation. Conv weights Xavier-normal, conv biases 0.
+    ``"replicate"`` (our option) avoids that attenuation. Conv weights Xavier-normal, conv biases 0.
     """
 
-    def __init__(self, channels: int, bias: bool = False, warp_scale: float = 0.08, blur_padding: str = "replicate",
+    def __init__(self, channels: int, bias: bool = False, warp_scale: float = 0.08, blur_padding: str = "zeros",
                  alpha_init: float = 0.0, error_cue: bool = False):
         super().__init__()
-        if blur_padding not in BLUR_PADDINGS:
-            raise ValueError(f"AlignNet: blur_padding must be one of {BLUR_PADDINGS}, got {blur_padding!r}")
+        _check_choice("AlignNet", "blur_padding", blur_padding, BLUR_PADDINGS)
         self.channels, self.warp_scale, self.blur_padding = channels, float(warp_scale), blur_padding
         self.norm = nn.InstanceNorm2d(channels, affine=False)
         self.body = nn.Sequential(IRBlock(2 * channels, 2 * channels, bias), IRBlock(2 * channels, 3, bias))
@@ -245,26 +281,31 @@ class AlignMaskLevel(nn.Module):
         cycles: alignment iterations (official 2; 3 in the Feature-Style training config).
         bias: conv biases in AlignNet (official ``mod_bias``).
         blur_padding: "zeros" (official) or "replicate", see ``AlignNet``.
+        warp_grid: "linspace" (official) or "identity", see ``warp``.
+        gate_interpolation: "bicubic" (official) or "bilinear", see ``gate``.
 
     forward(feature F (B, C, r, r), tap (B, Ct, r', r'), coarse_alpha (B, 1, r/2, r/2) or None) -> LevelOutput.
     E = proj(tap resized to r). Cycle 1: (flow, alpha) = AlignNet(F, E). Cycle k > 1: increments
     (dflow, dalpha) = AlignNet(S, E); flow <- clip(flow + dflow, -s, s); alpha <- clip(dalpha * alpha +
     alpha * (1 - alpha), 0, 1). In the last cycle, if ``coarse_alpha`` is given, alpha <- ``gate(alpha,
-    coarse_alpha)`` (bilinear up-sampling; the coarse flow is not used). After each cycle
+    coarse_alpha)`` (the coarse flow is not used). After each cycle
     S = warp(F, flow) * alpha + F * (1 - alpha) (the ORIGINAL F is warped each time). Returns S, flow, alpha.
     Polarity: alpha = 1 = "not invertible: copy from the input" (and warp fully there).
     """
 
     def __init__(self, channels: int, tap_channels: int, warp_scale: float = 0.08, cycles: int = 2,
-                 bias: bool = False, blur_padding: str = "replicate", alpha_init: float = 0.0,
-                 error_cue: bool = False):
+                 bias: bool = False, blur_padding: str = "zeros", alpha_init: float = 0.0,
+                 error_cue: bool = False, warp_grid: str = "linspace", gate_interpolation: str = "bicubic"):
         super().__init__()
         if not isinstance(cycles, int) or cycles < 1:
             raise ValueError(f"AlignMaskLevel: cycles must be an int >= 1, got {cycles!r}")
         if not warp_scale > 0:
             raise ValueError(f"AlignMaskLevel: warp_scale must be > 0, got {warp_scale!r}")
+        _check_choice("AlignMaskLevel", "warp_grid", warp_grid, WARP_GRIDS)
+        _check_choice("AlignMaskLevel", "gate_interpolation", gate_interpolation, GATE_INTERPOLATIONS)
         self.channels, self.tap_channels, self.cycles = channels, tap_channels, cycles
         self.warp_scale = float(warp_scale)
+        self.warp_grid, self.gate_interpolation = warp_grid, gate_interpolation
         self.proj = nn.Conv2d(tap_channels, channels, 1)
         self.align = AlignNet(channels, bias=bias, warp_scale=warp_scale, blur_padding=blur_padding,
                               alpha_init=alpha_init, error_cue=error_cue)
@@ -289,8 +330,8 @@ class AlignMaskLevel(nn.Module):
                 flow = torch.clamp(flow + pred[:, :2], -s, s)
                 alpha = torch.clamp(pred[:, 2:] * alpha + alpha * (1 - alpha), 0.0, 1.0)
             if k == self.cycles - 1 and coarse_alpha is not None:
-                alpha = gate(alpha, coarse_alpha.to(alpha.dtype))
-            out = warp(feature, flow) * alpha + feature * (1 - alpha)
+                alpha = gate(alpha, coarse_alpha.to(alpha.dtype), self.gate_interpolation)
+            out = warp(feature, flow, self.warp_grid) * alpha + feature * (1 - alpha)
         return LevelOutput(out, flow, alpha)
 
 
@@ -318,7 +359,11 @@ class AlignMaskNet(nn.Module):
         tap_channels: {"f0".."f4": channels} of the encoder (``encoder.feature_channels``).
         levels: ascending resolutions to align (e.g. ``default_levels(G.size)``).
         encoder_input_size: side of the encoder input; picks each level's tap (``tap_for_level``).
-        warp_scale, cycles, bias, blur_padding: see ``AlignMaskLevel``.
+        warp_scale, cycles, bias: see ``AlignMaskLevel``.
+        blur_padding, warp_grid, gate_interpolation: the three resampling choices (module docstring); official
+            "zeros", "linspace", "bicubic" by default, ours "replicate", "identity", "bilinear". Saved in ``config``,
+            so a hand-off runs with the function it was trained with.
+        alpha_init: starting alpha logit (an initialisation only); error_cue: see ``forward``.
 
     Attributes: ``levels`` (ModuleDict keyed by str(r)), ``taps`` {r: tap name}, ``config`` (ctor kwargs,
     plain types, for export). Only this module is trainable; the caller freezes G and the encoder.
@@ -326,7 +371,8 @@ class AlignMaskNet(nn.Module):
 
     def __init__(self, generator_channels: Mapping, tap_channels: Mapping[str, int], levels: Sequence[int],
                  encoder_input_size: int, warp_scale: float = 0.08, cycles: int = 2, bias: bool = False,
-                 blur_padding: str = "replicate", alpha_init: float = 0.0, error_cue: bool = False):
+                 blur_padding: str = "zeros", alpha_init: float = 0.0, error_cue: bool = False,
+                 warp_grid: str = "linspace", gate_interpolation: str = "bicubic"):
         super().__init__()
         gen_ch = {int(k): int(v) for k, v in dict(generator_channels).items()}
         tap_ch = {str(k): int(v) for k, v in dict(tap_channels).items()}
@@ -347,11 +393,12 @@ class AlignMaskNet(nn.Module):
         self.config = dict(generator_channels=gen_ch, tap_channels=tap_ch, levels=list(levels),
                            encoder_input_size=int(encoder_input_size), warp_scale=float(warp_scale),
                            cycles=int(cycles), bias=bool(bias), blur_padding=str(blur_padding),
-                           alpha_init=float(alpha_init), error_cue=bool(error_cue))
+                           alpha_init=float(alpha_init), error_cue=bool(error_cue), warp_grid=str(warp_grid),
+                           gate_interpolation=str(gate_interpolation))
         self.error_cue = bool(error_cue)
         self.levels = nn.ModuleDict({
             str(r): AlignMaskLevel(gen_ch[r], tap_ch[self.taps[r]], warp_scale, cycles, bias, blur_padding, alpha_init,
-                                   error_cue)
+                                   error_cue, warp_grid, gate_interpolation)
             for r in levels})
 
     def _active(self, active_levels) -> list:
@@ -361,6 +408,15 @@ class AlignMaskNet(nn.Module):
         if active != self.level_list[:len(active)]:
             raise ValueError(f"AlignMaskNet: active_levels must be a prefix of levels {self.level_list}, got {active}")
         return active
+
+    def _check_generator(self, G, active) -> None:
+        channels = {int(k): int(v) for k, v in dict(getattr(G, "channels", {})).items()}
+        for r in active:
+            want = self.levels[str(r)].channels
+            if channels.get(r) != want:
+                have = f"{channels[r]} channels there" if r in channels else f"no {r} px layer (size {G.size})"
+                raise ValueError(f"AlignMaskNet: level {r} expects a generator with {want} channels at {r} px; "
+                                 f"this generator has {have}")
 
     def reconstruction_error(self, G, codes: torch.Tensor, image: torch.Tensor, noise=None) -> torch.Tensor:
         """The error cue: mean over channels of |image - G(codes)| (B, 1, S, S), without gradients."""
@@ -386,6 +442,7 @@ class AlignMaskNet(nn.Module):
         so the mask stays the input's, as the official editing does.
         """
         active = self._active(active_levels)
+        self._check_generator(G, active)
         if image.ndim != 4 or image.shape[-1] != G.size or image.shape[-2] != G.size:
             raise ValueError(f"AlignMaskNet: image must be (B, 3, {G.size}, {G.size}) for this generator, "
                              f"got {tuple(image.shape)}")
@@ -424,13 +481,26 @@ def save_align_mask(path, net: AlignMaskNet, meta: Optional[Mapping[str, Any]] =
 
 
 def load_align_mask(path) -> Tuple[AlignMaskNet, Dict[str, Any]]:
-    """Read an ``align_mask.pt`` -> (AlignMaskNet in eval mode, meta dict); CheckpointError naming the file."""
+    """Read a stage-2 file -> (AlignMaskNet in eval mode, meta dict); CheckpointError naming the file otherwise.
+
+    Accepts this project's hand-off ``{"state_dict", "config", "meta"}`` (a config without the resampling options,
+    as in files written before they existed, gets ``LEGACY_MATHS``: the function those files were trained with)
+    and an official OOD-GAN-inversion checkpoint (``net_g_*.pth``: ``params_ema`` with ``modulation.*`` /
+    ``feats_conv.*`` keys), converted by ``networks.convert_ood_official`` and run with the official function.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (a stage-2 align_mask.pt)")
     ckpt = safe_load(path)
-    if not isinstance(ckpt, Mapping) or not {"state_dict", "config"} <= set(ckpt):
-        raise CheckpointError(f"{path} is not a stage-2 hand-off: expected keys state_dict, config, meta")
-    net = AlignMaskNet(**ckpt["config"])
-    load_strict(net, ckpt["state_dict"], source=str(path))
-    return net.eval(), dict(ckpt.get("meta") or {})
+    if isinstance(ckpt, Mapping) and {"state_dict", "config"} <= set(ckpt):
+        net = AlignMaskNet(**{**LEGACY_MATHS, **dict(ckpt["config"])})
+        load_strict(net, ckpt["state_dict"], source=str(path))
+        return net.eval(), dict(ckpt.get("meta") or {})
+    from networks.convert_ood_official import is_official_checkpoint, load_official
+
+    if is_official_checkpoint(ckpt):
+        return load_official(ckpt, source=str(path))
+    found = sorted(map(str, ckpt))[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+    raise CheckpointError(f"{path} is neither a stage-2 hand-off (keys state_dict, config, meta) nor an official "
+                          f"OOD-GAN-inversion checkpoint (params_ema with modulation.* / feats_conv.* keys); "
+                          f"found {found}")

@@ -1,11 +1,12 @@
 """Stage-two alignment + invertibility mask (networks.align_mask) on a tiny 64 px generator and encoder."""
 import io
+from pathlib import Path
 
 import pytest
 import torch
 
-from networks.align_mask import (AlignMaskLevel, AlignMaskNet, AlignNet, blend, default_levels, fuse_masks, gate,
-                                 load_align_mask, save_align_mask, tap_for_level, warp)
+from networks.align_mask import (LEGACY_MATHS, OFFICIAL_MATHS, AlignMaskLevel, AlignMaskNet, AlignNet, blend,
+                                 default_levels, fuse_masks, gate, load_align_mask, save_align_mask, tap_for_level, warp)
 from networks.encoders import Encoder4Editing
 from networks.stylegan2 import Generator
 
@@ -77,22 +78,44 @@ def test_bad_configuration_errors(tiny):
         AlignMaskLevel(8, 8, cycles=0)
     with pytest.raises(ValueError, match="blur_padding"):
         AlignNet(8, blur_padding="reflect")
+    with pytest.raises(ValueError, match="warp_grid"):
+        AlignMaskNet(G.channels, enc.feature_channels, [8, 16], 64, warp_grid="exact")
+    with pytest.raises(ValueError, match="gate_interpolation"):
+        AlignMaskNet(G.channels, enc.feature_channels, [8, 16], 64, gate_interpolation="nearest")
 
 
 # ------------------------------------------------------------------------------------------- warp / fuse / blend
 def test_warp_identity_and_one_pixel_shift():
     feat = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(warp(feat, torch.zeros(2, 2, 8, 8)), feat, rtol=0, atol=1e-6)
+    torch.testing.assert_close(warp(feat, torch.zeros(2, 2, 8, 8), "identity"), feat, rtol=0, atol=1e-6)
     flow = torch.zeros(2, 2, 8, 8)
     flow[:, 0] = 2 / 8  # one pixel in x: output(y, x) = feature(y, x + 1)
-    out = warp(feat, flow)
+    out = warp(feat, flow, "identity")
     torch.testing.assert_close(out[..., :-1], feat[..., 1:], rtol=0, atol=1e-5)
     assert out[..., -1].abs().max() == 0  # zeros padding
     flow = torch.zeros(2, 2, 8, 8)
     flow[:, 1] = -2 / 8  # one pixel up in y: output(y, x) = feature(y - 1, x)
-    torch.testing.assert_close(warp(feat, flow)[..., 1:, :], feat[..., :-1, :], rtol=0, atol=1e-5)
+    torch.testing.assert_close(warp(feat, flow, "identity")[..., 1:, :], feat[..., :-1, :], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="flow"):
         warp(feat, torch.zeros(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="grid"):
+        warp(feat, torch.zeros(2, 2, 8, 8), "exact")
+
+
+def test_official_linspace_grid_is_not_the_identity():
+    """The official base grid linspace(-1, 1, n) sampled with align_corners=False (the default): a zero flow reads
+    the map from half a pixel outside its first centre to half a pixel outside its last one, so the content
+    shrinks by (n - 1) / n and the outermost pixels are half zero padding."""
+    n = 8
+    ramp = (torch.arange(n, dtype=torch.float32) + 1).expand(1, 1, n, n).contiguous()  # value = column index + 1
+    out = warp(ramp, torch.zeros(1, 2, n, n))
+    assert warp(ramp, torch.zeros(1, 2, n, n), "linspace").equal(out)
+    # column j samples x = -1 + 2j / (n - 1), pixel coordinate ((x + 1) * n - 1) / 2, bilinear between columns
+    pos = (torch.arange(n, dtype=torch.float32) * 2 / (n - 1) * n - 1) / 2
+    torch.testing.assert_close(out[0, 0, 3, 1:-1], pos[1:-1] + 1, rtol=0, atol=1e-5)
+    # the outermost columns fall half a pixel outside the map: zeros padding halves them
+    torch.testing.assert_close(out[0, 0, 3, [0, -1]], torch.tensor([0.5, 0.5 * n]), rtol=0, atol=1e-5)
+    assert (out - ramp).abs().max() > 0.4
 
 
 def test_fuse_masks_on_hand_made_alphas():
@@ -120,8 +143,17 @@ def test_gate_formula():
     alpha = torch.rand(1, 1, 8, 8)
     u = torch.full((1, 1, 8, 8), 0.5)
     torch.testing.assert_close(gate(alpha, u), alpha * 0.5 + 0.25)
-    torch.testing.assert_close(gate(alpha, torch.ones(1, 1, 4, 4)), alpha)
-    assert gate(alpha, torch.zeros(1, 1, 4, 4)).abs().max() == 0
+    for mode in ("bicubic", "bilinear"):
+        torch.testing.assert_close(gate(alpha, torch.ones(1, 1, 4, 4), mode), alpha)
+        assert gate(alpha, torch.zeros(1, 1, 4, 4), mode).abs().max() == 0
+    # the official bicubic resize keeps the corners (align_corners=True); bilinear (align_corners=False) does not
+    coarse = torch.rand(1, 1, 4, 4)
+    ones = torch.ones(1, 1, 8, 8)  # alpha = 1: the gate returns U * (2 - U), monotone in U on [0, 1]
+    cubic, linear = gate(ones, coarse, "bicubic"), gate(ones, coarse, "bilinear")
+    torch.testing.assert_close(cubic[..., 0, 0], (coarse * (2 - coarse))[..., 0, 0])
+    assert not torch.allclose(cubic, linear)
+    with pytest.raises(ValueError, match="interpolation"):
+        gate(alpha, coarse, "nearest")
 
 
 def test_blend_picks_input_where_mask_is_one():
@@ -167,18 +199,21 @@ def test_flow_bounded_and_alpha_in_unit_range_under_extreme_parameters(cycles):
         assert out.alpha.min() >= 0 and out.alpha.max() <= 1
 
 
-def test_gating_where_coarse_alpha_is_zero_fine_alpha_is_zero():
+@pytest.mark.parametrize("interpolation, first_one", [("bicubic", 11), ("bilinear", 9)])
+def test_gating_where_coarse_alpha_is_zero_fine_alpha_is_zero(interpolation, first_one):
     torch.manual_seed(0)
-    level = AlignMaskLevel(8, 8)
+    level = AlignMaskLevel(8, 8, gate_interpolation=interpolation)
     feat, tap = torch.randn(1, 8, 16, 16), torch.randn(1, 8, 16, 16)
     coarse = torch.zeros(1, 1, 8, 8)
     coarse[..., 4:] = 1
     ungated = level(feat, tap)
     gated = level(feat, tap, coarse)
-    # bilinear up-sampling keeps columns 0..6 of 16 exactly at 0; there the feature is left untouched
+    # the up-sampled coarse mask is <= 0 on columns 0..6 of 16 (bicubic undershoots next to the step, the clip
+    # makes it 0): the fine alpha is exactly 0 there and the feature is left untouched
     assert gated.alpha[..., :7].abs().max() == 0
     torch.testing.assert_close(gated.feature[..., :7], feat[..., :7])
-    torch.testing.assert_close(gated.alpha[..., 9:], ungated.alpha[..., 9:])  # coarse 1: fine alpha unchanged
+    # where the up-sampled coarse mask is exactly 1 the fine alpha is unchanged (bicubic overshoots 1 on 9, 10)
+    torch.testing.assert_close(gated.alpha[..., first_one:], ungated.alpha[..., first_one:])
     torch.testing.assert_close(gated.flow, ungated.flow)  # the coarse flow is not used
     assert level(feat, tap, torch.zeros(1, 1, 8, 8)).alpha.abs().max() == 0
 
@@ -325,3 +360,46 @@ def test_error_cue_reaches_the_alpha_logits_and_defaults_to_the_reconstruction_e
     assert not torch.allclose(explicit.generated, default.generated)  # ...while the edit changes the generation
     with pytest.raises(ValueError, match="error_cue=True"):
         make_net(tiny, error_cue=True).levels["8"].align(torch.zeros(1, 32, 8, 8), torch.zeros(1, 32, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------- resampling options
+def test_resampling_options_are_saved_and_old_files_keep_our_variants(tiny, tmp_path):
+    """New networks default to the official function; a hand-off records its choice, and a file written before the
+    options existed (no keys in its config, like the shipped SynthFaces hand-off) runs with our variants."""
+    G, _, codes, taps, image = tiny
+    assert {k: make_net(tiny).config[k] for k in OFFICIAL_MATHS} == OFFICIAL_MATHS
+    ours = make_net(tiny, **LEGACY_MATHS)
+    path = save_align_mask(tmp_path / "ours.pt", ours)
+    loaded, _ = load_align_mask(path)
+    assert loaded.config == ours.config
+    ckpt = torch.load(path, weights_only=True)
+    for key in LEGACY_MATHS:
+        del ckpt["config"][key]
+    torch.save(ckpt, tmp_path / "old.pt")
+    old, _ = load_align_mask(tmp_path / "old.pt")
+    assert old.config == ours.config
+    official = make_net(tiny)
+    official.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        ref = ours(G, codes, taps, image).output
+        torch.testing.assert_close(old(G, codes, taps, image).output, ref, rtol=0, atol=0)
+        # each option on its own changes the function
+        for key, value in OFFICIAL_MATHS.items():
+            variant = make_net(tiny, **{**LEGACY_MATHS, key: value})
+            variant.load_state_dict(ours.state_dict())
+            assert (variant(G, codes, taps, image).output - ref).abs().max() > 1e-3, key
+
+
+def test_shipped_hand_off_runs_with_the_function_it_was_trained_with():
+    path = Path(__file__).resolve().parents[1] / "experiments" / "weights" / "synthfaces" / "align_mask.pt"
+    net, meta = load_align_mask(path)
+    assert {k: net.config[k] for k in LEGACY_MATHS} == LEGACY_MATHS
+    assert meta["module"]["blur_padding"] == "replicate"
+
+
+def test_a_generator_that_does_not_fit_the_levels_is_named(tiny):
+    G, _, codes, taps, image = tiny
+    net = make_net(tiny)
+    other = Generator(64, style_dim=32, n_mlp=2, channel_multiplier=1, channel_max=16).eval()
+    with pytest.raises(ValueError, match="level 8 expects a generator with 32 channels at 8 px; this generator has 16"):
+        net(other, codes, taps, image)

@@ -197,3 +197,85 @@ def test_run_py_ood_blend_trains_evaluates_and_reports(compose_cfg, stage1_file,
     (run / "metrics" / "test.csv").unlink()
     assert train(compose_cfg(overrides + ["mode=evaluate", "resume=true"])) is None
     assert (run / "metrics" / "test.csv").read_text() == first
+
+
+# ------------------------------------------------------------------------------------------- recipes
+def test_synthfaces_experiment_states_our_resampling_variants_and_the_method_defaults_are_official(compose_cfg):
+    model = compose_cfg(["+exp=ood_blend"]).model
+    assert (model.blur_padding, model.warp_grid, model.gate_interpolation) == ("replicate", "identity", "bilinear")
+    model = compose_cfg(["model=ood_blend"]).model  # the method's config without the experiment
+    assert (model.blur_padding, model.warp_grid, model.gate_interpolation) == ("zeros", "linspace", "bicubic")
+
+
+def test_official_recipe_composes_and_trains_on_a_tiny_model(compose_cfg, stage1_file, tmp_path):
+    """+exp=ood_blend_official: levels at 0 / 2k / 6k / 10k, lr x0.75 per 15k, fresh noise, detached adversarial term,
+    VGG19 + Gram x50, ID 0.1 (scaled crop); weight paths are required. Two steps on the tiny stage-1 file with
+    random VGG / ArcFace / LPIPS backbones (and a 1-step lr period so the decay shows)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg(["+exp=ood_blend_official"])
+    m = cfg.model
+    assert OmegaConf.to_container(m.level_milestones) == {"start": 2000, "step": 4000}
+    assert OmegaConf.to_container(m.lr_schedule) == {"step": 15000, "gamma": 0.75}
+    assert m.train_randomize_noise and not m.adversarial_grad and m.perceptual_kind == "vgg19"
+    assert (m.perceptual, m.style, m.identity_weight, m.identity.crop, m.lr) == (1.0, 50.0, 0.1, "scaled", 2e-5)
+    assert (m.blur_padding, m.warp_grid, m.gate_interpolation) == ("zeros", "linspace", "bicubic")
+    assert (cfg.generator.size, cfg.data.batch_size) == (1024, 2)
+    # required weight paths: a run without them stops naming the key
+    with pytest.raises(InstantiationException, match="model.encoder_checkpoint is required"):
+        instantiate(cfg.model)
+    with pytest.raises(InstantiationException, match="set model.vgg.weights=PATH"):
+        instantiate(cfg.model, encoder_checkpoint=str(stage1_file), lpips={"allow_random_backbone": True})
+    cfg = compose_cfg(["+exp=ood_blend_official", f"model.encoder_checkpoint={stage1_file}", "model.vgg.weights=null",
+                       "model.vgg.allow_random=true", "model.identity.weights=null", "model.identity.allow_random=true",
+                       "model.lpips.backbone_weights=null", "model.lpips.allow_random_backbone=true",
+                       "model.lr_schedule.step=1", "model.n_grid=2"])
+    pl.seed_everything(0, verbose=False)
+    module = instantiate(cfg.model)
+    assert module.milestones == [0, 2000]  # the tiny generator has two levels
+    noises = []
+    synthesize = module.generator.synthesize
+
+    def spy(*args, **kwargs):
+        noises.append(kwargs.get("noise"))
+        return synthesize(*args, **kwargs)
+
+    module.generator.synthesize = spy
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    trainer(tmp_path, 2).fit(module, DataLoader(TensorDataset(x), batch_size=2))
+    assert module.global_step == 2
+    assert noises and all(n == [None] * module.generator.num_layers for n in noises)  # fresh noise, every layer
+    metrics = module.trainer.callback_metrics
+    assert {"train/vgg-random", "train/vgg-random_style", "train/id-random", "train/adv"} <= set(metrics)
+    for opt in module.trainer.optimizers:
+        assert opt.param_groups[0]["lr"] == pytest.approx(2e-5 * 0.75 ** 2)
+
+
+def test_official_adversarial_term_sends_no_gradient(stage1_file):
+    """adversarial_grad=false (official): the term is D(output.detach()), logged and added, but the module's gradient
+    is that of the other terms alone; adversarial_grad=true (ours): the term's gradient reaches the module."""
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    for grad in (False, True):
+        module = make_module(stage1_file, adversarial_grad=grad)
+        params = [p for p in module.net.parameters() if p.requires_grad]
+        out = module.net(module.generator, *module.encode(x), x)
+        loss, parts = module._losses(x, out)
+        torch.testing.assert_close(parts["adv"], F.softplus(-module.discriminator(out.output)).mean().detach())
+        with_adv = torch.autograd.grad(loss, params, retain_graph=True)
+        module.hparams.adversarial = 0.0
+        without = torch.autograd.grad(module._losses(x, out)[0], params)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(with_adv, without)) == (not grad)
+
+
+def test_level_milestones_official_mapping_and_lr_schedule_checks(stage1_file):
+    module = make_module(stage1_file, level_milestones={"start": 2000, "step": 4000})
+    assert module.milestones == [0, 2000]
+    assert module.active_levels(1999) == [8] and module.active_levels(2000) == [8, 16]
+    with pytest.raises(ValueError, match="level_milestones"):
+        make_module(stage1_file, level_milestones={"start": 2000})
+    with pytest.raises(ValueError, match="lr_schedule"):
+        make_module(stage1_file, lr_schedule={"step": 0, "gamma": 0.5})
+    with pytest.raises(ValueError, match="perceptual_kind"):
+        make_module(stage1_file, perceptual_kind="alex")
