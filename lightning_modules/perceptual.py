@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +158,27 @@ class LPIPSLoss(nn.Module):
         fx = self.net.net.forward(self.net.scaling_layer(x))
         fy = self.net.net.forward(self.net.scaling_layer(y))
         return [lin((normalize_tensor(a) - normalize_tensor(b)) ** 2) for lin, a, b in zip(self.net.lins, fx, fy)]
+
+    def masked_layer_distance(self, x: Tensor, y: Tensor, masks: Sequence[Tensor]) -> Tensor:
+        """LPIPS masked layer by layer (DHR's official refinement loss): per layer, ``layer_maps`` averaged inside the
+        mask nearest-resized to that layer's size, summed over layers (a layer whose resized mask is empty adds 0).
+        A mask of ones gives LPIPS itself.
+
+        x, y: images (B, 3, H, W) in [-1, 1]; masks: M masks (B or 1, 1, h, w) in [0, 1], any h, w. Returns (M, B).
+        """
+        for m in masks:
+            if m.ndim != 4 or m.shape[1] != 1 or m.shape[0] not in (1, x.shape[0]):
+                raise ValueError(f"LPIPSLoss: mask {tuple(m.shape)} must be (B or 1, 1, h, w) for images "
+                                 f"{tuple(x.shape)}")
+        maps = self.layer_maps(x, y)
+        out = []
+        for mask in masks:
+            total = x.new_zeros(x.shape[0])
+            for d in maps:
+                m = F.interpolate(mask.to(d.dtype), size=d.shape[-2:], mode="nearest")
+                total = total + (d * m).sum(dim=(1, 2, 3)) / m.sum(dim=(1, 2, 3)).clamp_min(1e-8)
+            out.append(total)
+        return torch.stack(out)
 
     def forward(self, x: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Images x, y (B, 3, H, W) in [-1, 1], optional mask (B or 1, 1, H, W) in [0, 1] -> distances (B,)."""

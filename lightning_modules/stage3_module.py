@@ -188,14 +188,16 @@ class RefineModule(FrozenStage1, pl.LightningModule):
     def _refine_config(self, refine: dict, pti: dict, feature_only: dict) -> Optional[RefineConfig]:
         base = RefineConfig(**refine)
         if self.method == "pti":
+            # official PTI's loss on the whole image: plain LPIPS (= per_layer with a mask of ones) + F.mse_loss
             return RefineConfig(weight_steps=int(pti.get("steps", 350)), weight_lr=float(pti.get("lr", 3e-4)),
                                 feature_steps=0, feature_resolution=base.feature_resolution, l2=base.l2,
-                                perceptual=base.perceptual)
+                                perceptual=base.perceptual, mse_normalisation="per_channel", lpips_mask="per_layer")
         if self.method == "feature_only":
             return RefineConfig(weight_steps=0, feature_steps=int(feature_only.get("steps", base.feature_steps)),
                                 feature_lr=float(feature_only.get("lr", base.feature_lr)),
                                 feature_resolution=feature_only.get("resolution", base.feature_resolution),
-                                l2=base.l2, perceptual=base.perceptual)
+                                l2=base.l2, perceptual=base.perceptual, mse_normalisation=base.mse_normalisation,
+                                lpips_mask=base.lpips_mask)
         return base if self.method == "dhr" else None
 
     def _needs_align_mask(self) -> bool:

@@ -2,20 +2,23 @@
 
 Given W+ codes, target images and an in-domain mask m (1 = in domain, see ``networks.domain_segmentation``):
 
-- a feature f* at one generator resolution r (default ``G.size // 8``: 128 for a 1024 px G, the feature
-  entering ``convs[10]``) is initialised with G's own feature there and blended into every forward pass as
+- a feature f* at one generator resolution r (default ``G.size // 8``: 128 for a 1024 px G) is initialised with
+  G's own output of the r block and swapped in where the next block receives it (``Generator.next_block_input``:
+  "convs.10.in" at 1024 px, the official ``feature_idx`` 11; the r block's own ToRGB keeps G's feature) as
   ``h <- h * m_r + f* * (1 - m_r)``, where m_r = adaptive-average-pooled m (soft at region borders);
 - f* is tuned (Adam) on the out-of-domain loss L_ood = LPIPS and MSE inside 1 - m;
 - a per-image copy of the synthesis weights is tuned (Adam) on the in-domain loss L_id = the same inside m,
-  for the first ``weight_steps`` steps only.
+  for the first ``weight_steps`` steps only;
+- by default both losses are normalised as the official code does (``RefineConfig.lpips_mask`` "per_layer",
+  ``mse_normalisation`` "official"): with a batch of one the result equals the official one to round-off
+  (``tests/test_dhr_official.py``).
 
-Differences from the official ``DHRInference`` (methods.md §3.8):
+Differences from the official ``DHRInference`` (methods.md §3.8), none of which changes a single image's result:
 - any batch size: each image has its own weights (``networks.stylegan2.per_sample``) and f*; the losses are
   per-sample and summed, and Adam is elementwise, so a batch of N gives the N single-image results;
 - one forward per step and one backward per variable set (``torch.autograd.grad`` of L_ood w.r.t. f* and of
   L_id w.r.t. the weights), not two backward passes through everything;
-- the masked MSE is a per-channel mean, sum((out - x)^2 m) / (3 sum m), on the same scale as the unmasked MSE;
-- LPIPS is masked with the full-resolution m (the callable averages its spatial map inside the mask);
+- an empty mask gives a 0 loss term (the official code divides by 0);
 - a sample whose loss or gradients become non-finite is marked ``failed`` and frozen at its last finite
   state while the rest of the batch continues;
 - the hand-off per image stores the weight delta in bfloat16 instead of a full generator state dict.
@@ -24,15 +27,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from networks.stylegan2 import Generator, call_with_params, expand_params
 
-Perceptual = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+class Perceptual(Protocol):
+    """A masked perceptual distance such as ``LPIPSLoss`` (see ``domain_losses`` for which method is used)."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+    def masked_layer_distance(self, x: torch.Tensor, y: torch.Tensor,
+                              masks: Sequence[torch.Tensor]) -> torch.Tensor: ...
+
+
 TUNE_CHOICES = ("synthesis",)
+MSE_NORMALISATIONS = ("official", "per_channel")
+LPIPS_MASKS = ("per_layer", "full_resolution")
 WEIGHT_FORMATS = ("delta_bf16", "full", "none")
 
 
@@ -49,9 +63,15 @@ class RefineConfig:
         weight_steps, weight_lr: Adam steps / learning rate of the per-image generator weights (in-domain loss).
         feature_steps, feature_lr: Adam steps / learning rate of f* (out-of-domain loss). The loop runs
             max(weight_steps, feature_steps) steps; each variable set is updated during its first N steps.
-        feature_resolution: r of f* (power of two, 4 <= r <= G.size); None = G.size // 8.
+        feature_resolution: r of f* (power of two, 4 <= r < G.size); None = G.size // 8.
         l2, perceptual: weights of the masked MSE and of the masked perceptual distance in both losses.
         tune: which weights are tuned: "synthesis" = every parameter except the mapping network.
+        mse_normalisation: "official" = sum((out - x)^2 m) / sum(m) (summed over the 3 channels);
+            "per_channel" = the same / 3 (ours: a per-channel mean, so ``l2`` weighs it like a plain MSE; it is
+            a third of the official L2 weight).
+        lpips_mask: "per_layer" (official) = each LPIPS layer's map averaged inside m_r nearest-resized to that
+            layer, summed over layers (``LPIPSLoss.masked_layer_distance``); "full_resolution" = the summed
+            full-resolution map averaged inside the binary m (ours: no soft border at the coarse layers).
     """
 
     weight_steps: int = 50
@@ -62,6 +82,8 @@ class RefineConfig:
     l2: float = 1.0
     perceptual: float = 1.0
     tune: str = "synthesis"
+    mse_normalisation: str = "official"
+    lpips_mask: str = "per_layer"
 
     def __post_init__(self):
         for name in ("weight_steps", "feature_steps"):
@@ -79,14 +101,16 @@ class RefineConfig:
         r = self.feature_resolution
         if r is not None and not (_is_power_of_two(r) and r >= 4):
             raise ValueError(f"RefineConfig.feature_resolution must be None or a power of two >= 4, got {r!r}")
-        if self.tune not in TUNE_CHOICES:
-            raise ValueError(f"RefineConfig.tune must be one of {TUNE_CHOICES}, got {self.tune!r}")
+        for name, choices in (("tune", TUNE_CHOICES), ("mse_normalisation", MSE_NORMALISATIONS),
+                              ("lpips_mask", LPIPS_MASKS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"RefineConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
 
     def resolution_for(self, G: Generator) -> int:
-        """The feature resolution r used with generator ``G`` (checks 4 <= r <= G.size)."""
+        """The feature resolution r used with generator ``G`` (checks 4 <= r < G.size: f* enters the next block)."""
         r = self.feature_resolution if self.feature_resolution is not None else G.size // 8
-        if not (_is_power_of_two(r) and 4 <= r <= G.size):
-            raise ValueError(f"RefineConfig.feature_resolution={r} must be a power of two between 4 and the "
+        if not (_is_power_of_two(r) and 4 <= r < G.size):
+            raise ValueError(f"RefineConfig.feature_resolution={r} must be a power of two from 4 to half the "
                              f"generator size {G.size}")
         return r
 
@@ -100,7 +124,7 @@ class RefineState:
         feature: (B, C, r, r) f*, or None (no feature modulation).
         mask_r: (B, 1, r, r) in-domain mask pooled to r (blend weight of G's own feature).
         in_domain: (B, 1, S, S) full-resolution in-domain mask.
-        point: generator hook point of f* (``Generator.block_output(r)``).
+        point: generator hook point of f* (``Generator.next_block_input(r)``).
         losses: (steps, B) per-sample total loss L_ood + L_id of every step's forward (before its update).
         failed: (B,) bool, True where the loss or gradients became non-finite (state frozen from then on).
     """
@@ -121,41 +145,60 @@ class RefineState:
 
 # ------------------------------------------------------------------------------------------------ pieces
 def feature_mask(in_domain: torch.Tensor, r: int) -> torch.Tensor:
-    """Pool an in-domain mask (B, 1, S, S) to (B, 1, r, r) by adaptive averaging (soft at region borders)."""
+    """Pool an in-domain mask (B, 1, S, S) to (B, 1, r, r) by adaptive averaging (soft at region borders).
+
+    Floating masks keep their dtype; others become float32."""
     if not isinstance(in_domain, torch.Tensor) or in_domain.ndim != 4 or in_domain.shape[1] != 1:
         got = tuple(in_domain.shape) if isinstance(in_domain, torch.Tensor) else type(in_domain).__name__
         raise ValueError(f"feature_mask: in_domain must be (B, 1, S, S), got {got}")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"feature_mask: r must be a positive int, got {r!r}")
-    return F.adaptive_avg_pool2d(in_domain.float(), (r, r))
+    m = in_domain if in_domain.is_floating_point() else in_domain.float()
+    return F.adaptive_avg_pool2d(m, (r, r))
 
 
-def masked_mse(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample MSE inside a mask: sum((x - y)^2 * mask) / (C * sum(mask)), 0 for an empty mask.
+def masked_mse(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+               normalisation: str = "official") -> torch.Tensor:
+    """Per-sample squared error inside a mask, 0 for an empty mask.
 
-    x, y: (B, C, H, W); mask: (B, 1, H, W) in [0, 1]. Returns (B,).
+    x, y: (B, C, H, W); mask: (B, 1, H, W) in [0, 1]. ``normalisation`` "official": sum((x - y)^2 * mask) / sum(mask)
+    (DHR's masked MSE: summed over channels); "per_channel": the same / C (a mean). Returns (B,).
     """
+    if normalisation not in MSE_NORMALISATIONS:
+        raise ValueError(f"masked_mse: normalisation must be one of {MSE_NORMALISATIONS}, got {normalisation!r}")
     num = ((x - y) ** 2 * mask).sum(dim=(1, 2, 3))
-    den = mask.sum(dim=(1, 2, 3)) * x.shape[1]
+    den = mask.sum(dim=(1, 2, 3)) * (x.shape[1] if normalisation == "per_channel" else 1)
     return num / den.clamp_min(1e-8)
 
 
+def _perceptual_terms(out, images, in_domain, mask_r, perceptual, config) -> Tuple[torch.Tensor, torch.Tensor]:
+    if config.lpips_mask == "full_resolution":
+        return (perceptual(out, images, 1 - in_domain).reshape(-1),
+                perceptual(out, images, in_domain).reshape(-1))
+    if mask_r is None:
+        raise ValueError("domain_losses: lpips_mask='per_layer' needs mask_r (the in-domain mask pooled to r)")
+    ood, idd = perceptual.masked_layer_distance(out, images, [1 - mask_r, mask_r]).unbind(0)
+    return ood, idd
+
+
 def domain_losses(out: torch.Tensor, images: torch.Tensor, in_domain: torch.Tensor, perceptual: Perceptual,
-                  config: RefineConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+                  config: RefineConfig, mask_r: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The two DHR losses per sample: (L_ood (B,), L_id (B,)).
 
-    L_ood = perceptual(out, images, 1 - m) * config.perceptual + masked_mse(out, images, 1 - m) * config.l2,
-    L_id = the same with m = ``in_domain`` (B, 1, S, S). A zero weight skips that term's computation.
+    L_ood = P_ood * config.perceptual + masked_mse(out, images, 1 - m, config.mse_normalisation) * config.l2,
+    L_id = the same inside m = ``in_domain`` (B, 1, S, S). The perceptual terms P: ``config.lpips_mask``
+    "per_layer": ``perceptual.masked_layer_distance(out, images, [1 - mask_r, mask_r])`` with mask_r (B, 1, r, r)
+    = ``feature_mask(in_domain, r)`` (required); "full_resolution": ``perceptual(out, images, 1 - m)`` and
+    ``perceptual(out, images, m)``. A zero weight skips that term's computation.
     """
-    def one(mask):
-        total = out.new_zeros(out.shape[0])
-        if config.perceptual:
-            total = total + perceptual(out, images, mask).reshape(-1) * config.perceptual
-        if config.l2:
-            total = total + masked_mse(out, images, mask) * config.l2
-        return total
-
-    return one(1 - in_domain), one(in_domain)
+    l_ood, l_id = out.new_zeros(out.shape[0]), out.new_zeros(out.shape[0])
+    if config.perceptual:
+        p_ood, p_id = _perceptual_terms(out, images, in_domain, mask_r, perceptual, config)
+        l_ood, l_id = l_ood + p_ood * config.perceptual, l_id + p_id * config.perceptual
+    if config.l2:
+        l_ood = l_ood + masked_mse(out, images, 1 - in_domain, config.mse_normalisation) * config.l2
+        l_id = l_id + masked_mse(out, images, in_domain, config.mse_normalisation) * config.l2
+    return l_ood, l_id
 
 
 def _render(G: Generator, params: Optional[Dict[str, torch.Tensor]], feature: Optional[torch.Tensor],
@@ -237,8 +280,9 @@ def hybrid_refine(G: Generator, codes: torch.Tensor, images: torch.Tensor, in_do
         codes: (B, n_latent, style_dim) W+ codes (the embedding; kept fixed).
         images: (B, 3, S, S) targets in [-1, 1], S = G.size.
         in_domain: (B, 1, S, S) in [0, 1], 1 = in domain (weight modulation), 0 = OOD (feature modulation).
-        perceptual: callable (x, y, mask (B, 1, S, S)) -> (B,) masked perceptual distance
-            (e.g. ``lightning_modules.perceptual.LPIPSLoss("alex")``).
+        perceptual: masked perceptual distance, e.g. ``lightning_modules.perceptual.LPIPSLoss("alex")``: needs
+            ``masked_layer_distance(x, y, masks) -> (M, B)`` (lpips_mask "per_layer") or a call
+            (x, y, mask (B, 1, S, S)) -> (B,) ("full_resolution").
         config: ``RefineConfig`` (default: the official settings).
         noise: ``G.num_layers`` noise maps (default: G's stored buffers), fixed for every forward pass.
     Returns:
@@ -252,10 +296,10 @@ def hybrid_refine(G: Generator, codes: torch.Tensor, images: torch.Tensor, in_do
                            "(Lightning: Trainer(inference_mode=False))")
     _check_inputs(G, codes, images, in_domain)
     r = config.resolution_for(G)
-    point = G.block_output(r)
+    point = G.next_block_input(r)
     B, device = codes.shape[0], codes.device
     codes, images = codes.detach(), images.detach().to(device)
-    in_domain = in_domain.detach().float().to(device)
+    in_domain = in_domain.detach().to(device=device, dtype=codes.dtype)
     noise = _noise_list(G, noise, device)
     mask_r = feature_mask(in_domain, r)
 
@@ -279,7 +323,7 @@ def hybrid_refine(G: Generator, codes: torch.Tensor, images: torch.Tensor, in_do
             fwd_params = params if tune_w or params is None else {k: v.detach() for k, v in params.items()}
             fwd_feature = feature if tune_f or feature is None else feature.detach()
             out = _render(G, fwd_params, fwd_feature, mask_r, point, codes, noise)
-            l_ood, l_id = domain_losses(out, images, in_domain, perceptual, config)
+            l_ood, l_id = domain_losses(out, images, in_domain, perceptual, config, mask_r)
             history.append((l_ood + l_id).detach())
 
             grad_f = grad_w = None

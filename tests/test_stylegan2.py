@@ -141,6 +141,27 @@ def test_feature_edits_replace_and_blend(tiny_g):
         tiny_g.synthesize(w, capture=["convs.99.out"])
 
 
+@torch.no_grad()
+def test_next_block_input_is_edited_after_the_blocks_torgb(tiny_g):
+    """``convs.{k}.in`` holds the previous block's output; an edit there reaches the next block only, while an
+    edit of the block output also reaches that block's ToRGB (DHR swaps f* in at the next block's input)."""
+    w = torch.randn(2, tiny_g.n_latent, TINY["style_dim"])
+    inp, out = Generator.next_block_input(8), Generator.block_output(8)
+    assert (inp, Generator.next_block_input(4)) == ("convs.2.in", "convs.0.in")
+    base = tiny_g.synthesize(w, capture=[inp, out])
+    torch.testing.assert_close(base.features[inp], base.features[out], atol=0, rtol=0)
+    seen = []
+    handle = tiny_g.to_rgbs[0].register_forward_hook(lambda module, args, result: seen.append(args[0]))
+    try:
+        at_input = tiny_g.synthesize(w, edits={inp: lambda h: h * 0}, capture=[out]).image  # same maths as base
+        at_output = tiny_g.synthesize(w, edits={out: lambda h: h * 0}).image
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen[0], base.features[out], atol=0, rtol=0)   # the 8 px ToRGB: G's own feature
+    assert seen[1].abs().max() == 0                                            # ... or the edited one
+    assert not torch.allclose(at_input, at_output)
+
+
 def test_per_sample_weights_equal_separate_generators(tiny_g):
     """A batch with per-sample weights equals each image run through its own modified generator."""
     batch = 3

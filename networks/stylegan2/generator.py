@@ -1,10 +1,12 @@
 """StyleGAN2 generator (rosinality/stylegan2-pytorch layout) with synthesis hooks.
 
 Hook points are named after the module that owns them: ``"conv1.mod"``, ``"conv1.out"``,
-``"convs.{k}.mod"`` (modulated-conv output before noise/bias/activation: where the ICCV'23 method
-replaces features) and ``"convs.{k}.out"`` (after the activation: DHR's feature is
-``"convs.9.out"`` at 1024 px, i.e. ``Generator.block_output(128)``). ``synthesize`` can return any
-of them and accepts a callable per point that replaces or blends the tensor.
+``"convs.{k}.in"`` (the conv's input; for an up-sampling conv, the previous block's output after that
+block's ToRGB has used it: DHR's feature is ``"convs.10.in"`` at 1024 px, i.e.
+``Generator.next_block_input(128)``), ``"convs.{k}.mod"`` (modulated-conv output before
+noise/bias/activation: where the ICCV'23 method replaces features) and ``"convs.{k}.out"`` (after the
+activation; the block output ``"convs.{2j+1}.out"`` also feeds that block's ToRGB). ``synthesize`` can
+return any of them and accepts a callable per point that replaces or blends the tensor.
 """
 from __future__ import annotations
 
@@ -100,6 +102,13 @@ class Generator(nn.Module):
         return "conv1.out" if res == 4 else f"convs.{2 * (j - 3) + 1}.out"
 
     @staticmethod
+    def next_block_input(res: int) -> str:
+        """Hook point of the ``res`` block's output as the next block receives it, after the ``res`` ToRGB has used
+        the unedited tensor (e.g. 128 -> "convs.10.in"; DHR's ``feature_idx`` 11 at 1024 px). Needs res < size."""
+        j = int(math.log2(res))
+        return f"convs.{2 * (j - 2)}.in"
+
+    @staticmethod
     def upconv_modulated(res: int) -> str:
         """Hook point of the up-sampling conv producing ``res`` (before noise/bias/act), e.g. 32 -> "convs.4.mod"."""
         j = int(math.log2(res))
@@ -109,7 +118,7 @@ class Generator(nn.Module):
         """All valid hook point names in synthesis order."""
         names = ["conv1.mod", "conv1.out"]
         for k in range(len(self.convs)):
-            names += [f"convs.{k}.mod", f"convs.{k}.out"]
+            names += [f"convs.{k}.in", f"convs.{k}.mod", f"convs.{k}.out"]
         return names
 
     def make_noise(self) -> List[torch.Tensor]:
@@ -193,7 +202,7 @@ class Generator(nn.Module):
         features: Dict[str, torch.Tensor] = {}
 
         def hook_for(name):
-            wanted = {p for p in ("mod", "out") if f"{name}.{p}" in edits or f"{name}.{p}" in capture}
+            wanted = {p for p in ("in", "mod", "out") if f"{name}.{p}" in edits or f"{name}.{p}" in capture}
             if not wanted:
                 return None
 

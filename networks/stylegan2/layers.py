@@ -254,9 +254,9 @@ class StyledConv(ImplMixin, nn.Module):
     """Modulated conv -> noise injection -> biased leaky ReLU, with feature hook points.
 
     forward(x (B, in, H, W), style (B, style_dim), noise, hook) -> (B, out, H', W'). ``hook`` is
-    an optional callable ``hook(point, tensor) -> tensor`` called with point "mod" (modulated conv
-    output, before noise/bias/activation) and "out" (after the activation); it may return a
-    replacement tensor.
+    an optional callable ``hook(point, tensor) -> tensor`` called with point "in" (the input x),
+    "mod" (modulated conv output, before noise/bias/activation) and "out" (after the activation);
+    it may return a replacement tensor.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, style_dim: int, upsample: bool = False,
@@ -268,6 +268,8 @@ class StyledConv(ImplMixin, nn.Module):
         self.activate = FusedLeakyReLU(out_ch)
 
     def forward(self, x, style, noise=None, hook=None):
+        if hook is not None:
+            x = hook("in", x)
         per_sample_bias = _per_sample(self.activate.bias, 1)
         if self.impl == "fast" and hook is None:
             # gain folded into the demodulation, the small noise + bias term added in the same pass,
