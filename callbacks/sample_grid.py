@@ -5,7 +5,6 @@ Plain torch + PIL (no torchvision): ``make_grid`` tiles a batch, ``save_grid`` w
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +12,8 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.utilities import rank_zero_warn
+
+from networks.checkpoints import atomic_target
 
 
 def make_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 2,
@@ -50,10 +51,8 @@ def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, padding: i
 
 def _save_png(image: Image.Image, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)  # readers never see a half-written file
+    with atomic_target(path) as tmp:  # readers never see a half-written file
+        image.save(tmp, format="PNG")
     return path
 
 

@@ -43,7 +43,8 @@ class DataError(ValueError):
 
 
 def list_images(root: str | Path, config_key: str = "data.root") -> list[Path]:
-    """Returns the image files under `root`, recursively, sorted by relative path (hidden entries skipped).
+    """Returns the image files under `root`, recursively, sorted by relative path (hidden entries skipped; symlinked
+    folders followed, each real folder listed once).
 
     Raises FileNotFoundError if `root` is not a folder, ValueError if it holds no image; both name
     the folder and `config_key`, the setting that chose it.
@@ -51,8 +52,13 @@ def list_images(root: str | Path, config_key: str = "data.root") -> list[Path]:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"Image folder {root} does not exist (set {config_key}=/path/to/images).")
-    files = []
+    files, seen = [], set()
     for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink back to a folder already listed (e.g. `ln -s . loop`): list it once
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files += [Path(folder) / n for n in names if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:

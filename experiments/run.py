@@ -56,6 +56,8 @@ from callbacks.handoff_artifact import log_handoff_artifact  # noqa: E402
 from experiments.utils.chain import run_chain  # noqa: E402
 from experiments.utils.cli import available_exps, check_command_line  # noqa: E402
 from experiments.utils.distributed import RankFailureGuard  # noqa: E402
+from experiments.utils.inputs import (check_ckpt_path, check_int, check_invert_input,  # noqa: E402
+                                      check_previous_metrics, check_settings, check_writable)
 from experiments.utils.run_lock import run_dir_lock  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -125,9 +127,10 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
     is_zero = rank_zero_only.rank == 0
 
     plan = plan_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    check_ckpt_path(cfg.get("ckpt_path"))
     ckpt_path = cfg.get("ckpt_path") or plan.ckpt_path
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise UserError(f"ckpt_path={ckpt_path}: no such file.")
+    check_int(cfg, "data.batch_size", 1)
+    check_int(cfg, "data.num_workers", 0)
     if plan.ckpt_path and OmegaConf.select(cfg, "logger.wandb") is not None and cfg.logger.wandb.get("id") is None:
         cfg.logger.wandb.id = previous_wandb_id(run_dir)  # continue the same W&B run
     if not _USER_WANDB_DIR:
@@ -148,8 +151,14 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     with_wandb = any(type(lg).__name__ == "WandbLogger" for lg in loggers)
+    if mode == "evaluate":
+        check_previous_metrics(cfg, run_dir, overwrite=bool(cfg.overwrite))
     if mode == "invert":
         check_enough_images(cfg.input, trainer.world_size)
+        check_writable(model.writer.out_dir, "output")
+        redo = check_settings(model.writer, redo=bool(cfg.overwrite))
+        if redo and is_zero:
+            log.warning(f"overwrite=true: {len(redo)} image(s) made with other settings are done again")
 
     log.info(f"Run directory: {run_dir}")
     if is_zero:
@@ -167,7 +176,9 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
         evaluate(trainer, model, datamodule, run_dir, ckpt_path=str(ckpt_path) if ckpt_path else None)
         return None
     if mode == "invert":
-        return invert(trainer, model, datamodule)
+        own_lock = is_zero and model.writer.out_dir.resolve() != run_dir  # the run directory is locked already
+        with run_dir_lock(model.writer.out_dir, enabled=own_lock, what="Output folder", key="output"):
+            return invert(trainer, model, datamodule)
     # a crash or Ctrl-C leaves fit() by an exception / SystemExit; main()'s RankFailureGuard prints how to continue
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     path = None
@@ -202,10 +213,7 @@ def log_used_handoffs(cfg: DictConfig) -> None:
 def invert_datamodule(cfg: DictConfig):
     """`mode=invert`: a FolderDataModule over `input` (every PNG / JPEG / WebP image; FFHQ-aligned first with
     `align=true`), at the generator's size."""
-    if not cfg.get("input"):
-        raise UserError("mode=invert needs input=DIR: a folder of PNG / JPEG images (add align=true to align faces).")
-    if not Path(cfg.input).expanduser().is_dir():
-        raise UserError(f"input={cfg.input}: no such folder.")
+    check_invert_input(cfg)
     spec = OmegaConf.load(CONFIG_DIR / "data" / "folder.yaml")
     spec.root, spec.align, spec.resolution = str(Path(cfg.input).expanduser()), bool(cfg.get("align")), cfg.generator.size
     spec.batch_size, spec.num_workers = cfg.data.batch_size, min(int(cfg.data.get("num_workers", 0)), 2)
@@ -227,13 +235,22 @@ def invert(trainer, model, datamodule) -> Path:
     trainer.predict(model, datamodule=datamodule, return_predictions=False)
     out = model.writer.out_dir
     if trainer.is_global_zero:
-        manifest = model.writer.write_manifest()
+        manifest = model.writer.write_manifest(skipped=unreadable_inputs(datamodule))
         records = model.writer.records()
         failed = [r for r in records if r["status"] != "ok"]
         print(f"Inverted {len(records) - len(failed)} image(s) into {out} (manifest: {manifest})")
         for r in failed:
             print(f"  failed: {r['name']}: {r['reason']}")
     return out / "manifest.json"
+
+
+def unreadable_inputs(datamodule) -> list[str]:
+    """The input files ``mode=invert`` skipped (unreadable; listed in the manifest), relative to the input folder."""
+    from datamodules.image_folder import list_images
+
+    root = datamodule.image_folder
+    read = set(datamodule.full_dataset().files)
+    return [p.relative_to(root).as_posix() for p in list_images(root, config_key="input") if p not in read]
 
 
 def evaluate(trainer, model, datamodule, run_dir: Path, ckpt_path: str | None = None) -> None:

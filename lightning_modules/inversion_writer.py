@@ -7,35 +7,57 @@ Layout under ``out_dir`` (``name`` = the image's path relative to the input fold
     <name>/latent.pt                       W+ code (L, D)
     <name>/refine_state.pt                 what re-editing needs (f*, masks, weight delta in bf16 by default)
     <name>/metrics.json                    only when a ground-truth OOD mask exists
-    <name>/record.json                     written last: the image is finished (status ok | failed)
-    manifest.json                          every record, rebuilt at the end of each run
+    <name>/record.json                     written last: status ok | failed, and the settings that made it
+    manifest.json                          every record and the skipped input files, rebuilt after each run
 
-Every file is written to a temporary name and renamed, and ``record.json`` comes last, so a killed or
-disk-full run leaves no folder that looks finished; a rerun skips exactly the finished images.
+``name`` must be unique within a run (run.py refuses ``face.png`` beside ``face.jpg``). Every file is written
+to a unique temporary name and renamed, and ``record.json`` comes last, so a killed or disk-full run leaves no
+folder that looks finished. A rerun skips exactly the images finished ``ok`` with the same settings; failed
+images are retried, and images made with other settings are refused by ``check_settings`` (run.py) unless the
+user asks to redo them. Writing an image first clears what an earlier attempt left in its folder.
 """
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from callbacks.sample_grid import _save_png, grid_to_pil
-from networks.checkpoints import save_atomic
+from networks.checkpoints import TMP_SUFFIX, atomic_target, plain_containers, save_atomic
 
 Tensor = torch.Tensor
 RECORD = "record.json"
 MANIFEST = "manifest.json"
+RESULT_FILES = ("input.png", "reconstruction.png", "ood_mask.png", "latent.pt", "refine_state.pt", "metrics.json",
+                RECORD)
 
 
 def _write_json(path: Path, obj: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True))
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=True))
     return path
+
+
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (lists stay values)."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def settings_difference(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 5) -> str:
+    """``"model.method: dhr -> pti; model.refine.weight_steps: 50 -> 350"`` for two settings dicts ('' if equal)."""
+    a, b = _flatten(plain_containers(old)), _flatten(plain_containers(new))
+    changed = [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
+               if a.get(k, "(unset)") != b.get(k, "(unset)")]
+    more = f"; and {len(changed) - limit} more" if len(changed) > limit else ""
+    return "; ".join(changed[:limit]) + more
 
 
 def _image(t: Tensor):
@@ -47,8 +69,10 @@ def _image(t: Tensor):
 class InversionWriter:
     """Writes and finds the per-image results of ``mode=invert`` under ``out_dir`` (layout in the module doc)."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, settings: Optional[Mapping[str, Any]] = None):
         self.out_dir = Path(out_dir).expanduser()
+        # what defines a result (method, checkpoints, refinement, segmentation, edits): stored in every record
+        self.settings: Dict[str, Any] = plain_containers(dict(settings or {}))
 
     def folder(self, name: str) -> Path:
         """The image's folder; names are relative paths, so '..' and absolute parts are refused."""
@@ -57,9 +81,38 @@ class InversionWriter:
             raise ValueError(f"InversionWriter: image name {name!r} must be a relative path inside the input folder")
         return self.out_dir / rel
 
+    def record(self, name: str) -> Optional[Dict[str, Any]]:
+        """``name``'s record from an earlier run, or None (no record, or an unreadable one)."""
+        try:
+            return json.loads((self.folder(name) / RECORD).read_text())
+        except (OSError, ValueError):
+            return None
+
     def is_done(self, name: str) -> bool:
-        """True when ``name`` has a record (finished or failed) from an earlier run."""
-        return (self.folder(name) / RECORD).is_file()
+        """True when ``name`` was finished ``ok`` by an earlier run with the same settings (failed images and
+        images made with other settings are done again)."""
+        rec = self.record(name)
+        return rec is not None and rec.get("status") == "ok" and \
+            plain_containers(rec.get("settings", {})) == self.settings
+
+    def conflicts(self) -> List[tuple]:
+        """[(name, difference)] for every image finished ``ok`` with other settings than this writer's."""
+        found = []
+        for rec in self.records():
+            if rec.get("status") == "ok" and plain_containers(rec.get("settings", {})) != self.settings:
+                found.append((rec["name"], settings_difference(rec.get("settings", {}), self.settings)))
+        return found
+
+    def clear(self, name: str) -> None:
+        """Removes what an earlier attempt at ``name`` left in its folder: its result files, its ``edits/`` and
+        temporary files of a killed write (other images' sub-folders are kept)."""
+        folder = self.folder(name)
+        if not folder.is_dir():
+            return
+        for path in folder.iterdir():
+            if path.is_file() and (path.name in RESULT_FILES or path.name.endswith(TMP_SUFFIX)):
+                path.unlink(missing_ok=True)
+        shutil.rmtree(folder / "edits", ignore_errors=True)
 
     def write(self, name: str, images: Mapping[str, Tensor], edits: Mapping[str, Tensor], latent: Tensor,
               state: Optional[dict], metrics: Optional[Mapping[str, float]] = None, status: str = "ok",
@@ -77,6 +130,7 @@ class InversionWriter:
             extra: more plain fields for the record (method, producer, ...).
         """
         folder = self.folder(name)
+        self.clear(name)
         files: List[str] = []
         if status == "ok":
             for key, tensor in images.items():
@@ -91,17 +145,24 @@ class InversionWriter:
         if metrics:
             _write_json(folder / "metrics.json", {k: float(v) for k, v in metrics.items()})
             files.append("metrics.json")
-        record = {"name": name, "status": status, "reason": reason, "files": files, **dict(extra or {})}
+        record = {"name": name, "status": status, "reason": reason, "files": files, **dict(extra or {}),
+                  "settings": self.settings}
         return _write_json(folder / RECORD, record)
 
     def records(self) -> List[Dict[str, Any]]:
         """Every record under ``out_dir``, sorted by name."""
-        found = [json.loads(p.read_text()) for p in self.out_dir.rglob(RECORD)]
+        found = []
+        for path in self.out_dir.rglob(RECORD):
+            try:
+                found.append(json.loads(path.read_text()))
+            except (OSError, ValueError):  # a record being replaced right now, or damaged: not finished
+                continue
         return sorted(found, key=lambda r: r["name"])
 
-    def write_manifest(self) -> Path:
-        """``manifest.json``: counts and every record (call on one process after all images are done)."""
+    def write_manifest(self, skipped: Sequence[str] = ()) -> Path:
+        """``manifest.json``: counts, every record, and ``skipped``: input files that could not be read (call on one
+        process after all images are done)."""
         records = self.records()
         failed = [r["name"] for r in records if r["status"] != "ok"]
         return _write_json(self.out_dir / MANIFEST, {"images": len(records), "ok": len(records) - len(failed),
-                                                     "failed": failed, "records": records})
+                                                     "failed": failed, "skipped": list(skipped), "records": records})

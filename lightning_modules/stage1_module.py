@@ -116,7 +116,8 @@ class EncoderModule(pl.LightningModule):
         if not gen_path.is_file():
             raise CheckpointError(f"model.generator_checkpoint={gen_path}: no such file (a rosinality-layout "
                                   f"generator file, e.g. a stage-0 generator.pt)")
-        self.generator, latent_avg = load_generator(gen_path, trust=checkpoint_trust)
+        self.generator, latent_avg = load_generator(gen_path, trust=checkpoint_trust,
+                                                            trust_key="model.checkpoint_trust")
         self.generator.requires_grad_(False).eval()
         n_styles, style_dim = self.generator.n_latent, self.generator.style_dim
         self.register_buffer("latent_avg", latent_avg.reshape(1, -1).float().repeat(n_styles, 1))
@@ -354,7 +355,7 @@ class EncoderModule(pl.LightningModule):
             raise CheckpointError(f"{where}: no such file (an e4e-layout file: official e4e_ffhq_encode.pt or a "
                                   f"stage-1 encoder.pt)")
         try:
-            loaded = load_e4e_checkpoint(path, trust=trust)
+            loaded = load_e4e_checkpoint(path, trust=trust, trust_key="model.checkpoint_trust")
         except CheckpointError as err:
             raise CheckpointError(f"model.init_checkpoint: {err}") from None
         if dict(loaded.generator.config) != dict(self.generator.config):

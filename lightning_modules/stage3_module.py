@@ -23,6 +23,7 @@ in-domain only where both agree.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -176,13 +177,22 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         self.edits = [self._load_output_edit(dict(e)) for e in to_plain(edits or [])]
         if save_weights not in WEIGHT_FORMATS:
             raise ValueError(f"model.save_weights={save_weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
-        self.writer = InversionWriter(output_dir) if output_dir else None
+        self.writer = InversionWriter(output_dir, self.result_settings()) if output_dir else None
         self.test_table = MetricTable()
         self.grid_batch: Optional[Dict[str, Tensor]] = None
         # set by callbacks.edit_grid.EditGrid ({"strengths", "n_columns", "n"}); the grid of test batch 0 lands in
         # edit_grid_batch (see edit_grid); no request, no grid (no cost)
         self.edit_grid_request: Optional[Dict[str, Any]] = None
         self.edit_grid_batch: Optional[Dict[str, Dict[str, Any]]] = None
+
+    def result_settings(self) -> Dict[str, Any]:
+        """What defines a ``mode=invert`` result (stored in each record; a rerun with other settings is refused):
+        every constructor argument but where files go and the evaluation-only ones, plus the resolved refinement."""
+        ignored = ("output_dir", "masks_dir", "n_grid", "edit")
+        settings = {f"model.{k}": v for k, v in self.hparams.items() if k not in ignored}
+        if self.refine_config is not None:
+            settings["refinement"] = asdict(self.refine_config)
+        return settings
 
     # ------------------------------------------------------------------ set-up helpers
     def _refine_config(self, refine: dict, pti: dict, feature_only: dict) -> Optional[RefineConfig]:
@@ -491,8 +501,13 @@ class RefineModule(FrozenStage1, pl.LightningModule):
             return None
         from PIL import Image
 
-        with Image.open(path) as im:
-            gt = torch.from_numpy(np.asarray(im.convert("L").resize(x.shape[-2:][::-1], Image.NEAREST)) >= 128)
+        try:
+            with Image.open(path) as im:
+                gt = torch.from_numpy(np.asarray(im.convert("L").resize(x.shape[-2:][::-1], Image.NEAREST)) >= 128)
+        except (OSError, ValueError) as err:  # a corrupt mask costs this image its metrics, not the run
+            rank_zero_warn(f"masks: cannot read the ground-truth mask {path} ({type(err).__name__}: {err}); "
+                           f"{name!r} gets no metrics.json")
+            return None
         gt = gt.float().view(1, 1, *x.shape[-2:]).to(x.device)
         metrics = {k: float(v[0]) for k, v in image_metrics(out, x, gt).items()}
         if ood_mask is not None:

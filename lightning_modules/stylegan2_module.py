@@ -221,12 +221,9 @@ class StyleGAN2Module(pl.LightningModule):
                 f"stylegan2-ffhq-config-f.pt or a stage-0 generator.pt), or model.init_checkpoint=null to train "
                 f"from scratch (null is also fine when resuming: the weights then come from the Lightning checkpoint).")
         try:
-            ckpt = safe_load(path, trust=trust)
+            ckpt = safe_load(path, trust=trust, trust_key="model.checkpoint_trust")
         except CheckpointError as err:
-            hint = ""
-            if not trust and "trust=True" in str(err):
-                hint = " Here that is model.checkpoint_trust=true (only for files from a source you trust)."
-            raise CheckpointError(f"{where}: {err}{hint}") from None
+            raise CheckpointError(f"{where}: {err}") from None
         if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("g_ema"), Mapping):
             found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
             raise CheckpointError(

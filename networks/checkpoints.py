@@ -13,8 +13,10 @@ import json
 import os
 import pickle
 import re
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -22,24 +24,44 @@ from torch import nn
 from .stylegan2 import Discriminator, Generator
 
 
+TMP_SUFFIX = ".tmp"  # every temporary file of an atomic write ends so (leftovers of a killed run are found by it)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, unsafe, or does not fit the network."""
 
 
-def save_atomic(obj: Any, path) -> Path:
-    """``torch.save(obj)`` to a temporary file beside ``path``, then rename it into place; returns the path.
+@contextmanager
+def atomic_target(path) -> Iterator[Path]:
+    """Yields a unique temporary path beside ``path`` to write to; on success it is renamed onto ``path``.
 
-    Readers (and a resumed run) never see a half-written file; parent folders are created.
+    Readers (and a resumed run) never see a half-written file, two processes writing the same path never share a
+    temporary name, and the temporary file is removed when the write fails. Parent folders are created.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        torch.save(obj, tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def save_atomic(obj: Any, path) -> Path:
+    """``torch.save(obj)`` to a unique temporary file beside ``path``, then rename it into place; returns the path.
+
+    Raises OSError when the file cannot be written: torch reports a full disk as a RuntimeError
+    ("PytorchStreamWriter failed writing file"), which is turned into an OSError naming ``path``.
+    """
+    path = Path(path)
+    with atomic_target(path) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:
+            raise OSError(f"could not write {path}: {str(err).strip().splitlines()[0]}") from err
     return path
 
 
@@ -53,15 +75,17 @@ def plain_containers(value: Any) -> Any:
     return value
 
 
-def safe_load(path, *, trust: bool = False, map_location="cpu") -> Any:
+def safe_load(path, *, trust: bool = False, map_location="cpu", trust_key: Optional[str] = None) -> Any:
     """Load a torch file with ``weights_only=True``.
 
     Args:
         path: file to read.
         trust: allow full unpickling (arbitrary code execution) for files that need it; only for
             files from a source you trust.
+        trust_key: the config key that sets ``trust`` for this file (named in the error), if the caller has one.
     Raises:
-        CheckpointError: missing file, or a file that needs arbitrary unpickling without ``trust``.
+        CheckpointError: missing file; not a torch file (text, truncated, another format); or a file holding
+            pickled Python objects without ``trust`` (the message names the objects, e.g. ``posix.system``).
     """
     path = Path(path)
     if not path.is_file():
@@ -69,24 +93,32 @@ def safe_load(path, *, trust: bool = False, map_location="cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        objects = unsafe_globals(err)
+        if not objects:
+            raise CheckpointError(f"{path} is not a readable torch checkpoint ({_first_line(err)}).") from None
         if not trust:
+            hint = (f"If you trust its source, set {trust_key}=true." if trust_key else
+                    "Nothing here loads such files: use a file that holds only tensors and plain containers "
+                    "(dicts, lists, numbers, strings).")
             raise CheckpointError(
-                f"{path} cannot be loaded with torch.load(weights_only=True): it contains pickled objects "
-                f"that would run arbitrary code when loaded ({_unpickling_reason(err)}). "
-                f"If you trust its source, pass trust=True (in a config: the matching checkpoint_trust=true option)."
-            ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {err}") from None
+                f"{path} holds pickled Python objects ({', '.join(objects)}) that torch.load(weights_only=True) "
+                f"refuses: loading them would run code from the file. {hint}") from None
+    except Exception as err:  # text files, truncated files, other formats: torch raises many types here
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: "
+                              f"{_first_line(err)}).") from None
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def _unpickling_reason(err: Exception) -> str:
-    """The informative line of torch's weights_only error (e.g. 'Unsupported global: GLOBAL x.Y ...'), plain text."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
-    lines = [line for line in lines if line]
-    found = [line for line in lines if "Unsupported global" in line]
-    reason = found[0] if found else (lines[0] if lines else type(err).__name__)
-    return reason.split(" was not an allowed global")[0][:200]
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(err).__name__
+
+
+def unsafe_globals(err: Exception) -> list:
+    """The Python objects a weights_only load refused (``['posix.system']``), from torch's error text; [] when
+    the error is not about such objects (then the file is not a torch file at all)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    return sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))
 
 
 def describe_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor], limit: int = 12) -> str:
@@ -196,6 +228,7 @@ def _cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def load_generator(path, *, config: Optional[Mapping[str, Any]] = None, trust: bool = False,
+                   trust_key: Optional[str] = None,
                    key: str = "g_ema", map_location="cpu") -> Tuple[Generator, torch.Tensor]:
     """Build and strictly load a Generator from a rosinality-layout file.
 
@@ -203,13 +236,14 @@ def load_generator(path, *, config: Optional[Mapping[str, Any]] = None, trust: b
         path: ``generator.pt`` / ``stylegan2-ffhq-config-f.pt``-style file.
         config: Generator kwargs; default: the file's ``meta.generator``, else inferred from shapes.
         key: which generator to load ("g_ema" or "g").
+        trust, trust_key: see ``safe_load``.
     Returns:
         (generator in eval mode, latent_avg (style_dim,)). latent_avg is computed from 4096 fixed z
         when the file has none.
     Raises:
         CheckpointError: unreadable file, wrong layout, or keys/shapes that do not fit.
     """
-    ckpt = safe_load(path, trust=trust, map_location=map_location)
+    ckpt = safe_load(path, trust=trust, map_location=map_location, trust_key=trust_key)
     if not isinstance(ckpt, Mapping) or key not in ckpt:
         found = sorted(ckpt)[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not a StyleGAN2 generator file: expected a dict with {key!r} "

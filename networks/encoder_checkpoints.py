@@ -63,7 +63,8 @@ def _as_rows(latent_avg: torch.Tensor, n_styles: int, style_dim: int, where: str
                           f"({n_styles}, {style_dim}) for a generator with n_latent={n_styles}, style_dim={style_dim}")
 
 
-def load_e4e_checkpoint(path, *, trust: bool = False, map_location="cpu") -> LoadedEncoder:
+def load_e4e_checkpoint(path, *, trust: bool = False, map_location="cpu",
+                       trust_key: Optional[str] = None) -> LoadedEncoder:
     """Load an official e4e / pSp checkpoint, or one written by ``export_e4e_checkpoint``.
 
     Args:
@@ -78,7 +79,7 @@ def load_e4e_checkpoint(path, *, trust: bool = False, map_location="cpu") -> Loa
             keys, unknown ``opts["encoder_type"]``) or keys / shapes that do not fit; the message names the file.
     """
     path = Path(path)
-    ckpt = safe_load(path, trust=trust, map_location=map_location)
+    ckpt = safe_load(path, trust=trust, map_location=map_location, trust_key=trust_key)
     layout = ("an e4e/pSp checkpoint is a dict with 'state_dict' (encoder.* and decoder.* keys), 'opts' "
               "(with encoder_type) and 'latent_avg'")
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):

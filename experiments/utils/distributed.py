@@ -22,6 +22,10 @@ What run.py adds (`RankFailureGuard`, around the whole job in `main()`):
 * every rank turns a broken-connection error of the process group (`is_connection_error`) into the message;
 * Ctrl+C stays Ctrl+C: after SIGINT nothing is reported as a dead rank; rank 0 prints what is kept and the
   command that continues (Lightning 2.6 ends `fit()` with `sys.exit(1)` on Ctrl+C, in one process too).
+* SIGTERM (`kill`, a scheduler's stop) stops the run the same way, at once, in every mode. Lightning by itself
+  only notes it and checks between training batches and between evaluation batches (never in `predict`); its own
+  handler still runs first (it forwards the signal to its child processes), then ours raises KeyboardInterrupt.
+  Exit status 143.
 The message (`failure_message`) names the dead rank and how it ended, what is kept (each `last.ckpt` of the run
 directory with its step; for `mode=invert` the finished image folders) and the exact command to continue: the
 run's own overrides plus `resume=true paths.run_dir=<run dir>`. Exit status 1 (when rank 0 itself was killed,
@@ -179,7 +183,8 @@ class _State:
     failure: Optional[RankFailure] = None
     handling: bool = False                  # the guard is reporting: the watcher must not interrupt any more
     raised: bool = False                    # RankDiedError was raised once
-    user_interrupt: bool = False            # SIGINT arrived: not a dead rank
+    user_interrupt: bool = False            # SIGINT / SIGTERM arrived: not a dead rank
+    stop_signal: str = "SIGINT"             # which of the two
     stopped: bool = False                   # the guard has exited: watchers end
     report: Optional[Callable[[], str]] = None
 
@@ -271,7 +276,7 @@ class RankFailureGuard:
         self.state.report = self._message
         if threading.current_thread() is not threading.main_thread():
             return self
-        self._saved = {sig: signal.getsignal(sig) for sig in (INTERRUPT_SIGNAL, signal.SIGINT)}
+        self._saved = {sig: signal.getsignal(sig) for sig in (INTERRUPT_SIGNAL, signal.SIGINT, signal.SIGTERM)}
         signal.signal(INTERRUPT_SIGNAL, _on_interrupt)
         previous_sigint = self._saved[signal.SIGINT]
 
@@ -281,7 +286,14 @@ class RankFailureGuard:
                 return previous_sigint(signum, frame)
             raise KeyboardInterrupt
 
+        def on_sigterm(signum, frame):
+            if self.state.user_interrupt or self.state.handling:
+                return  # already stopping
+            self.state.user_interrupt, self.state.stop_signal = True, "SIGTERM"
+            raise KeyboardInterrupt
+
         signal.signal(signal.SIGINT, on_sigint)
+        signal.signal(signal.SIGTERM, on_sigterm)
         self._patch_lightning_observer()
         if any(a.startswith(LIGHTNING_CHILD_FLAG) for a in sys.argv[1:]):
             self.state.parent_pid = os.getppid()
@@ -316,10 +328,13 @@ class RankFailureGuard:
             if exc is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
                 _wait_for_children(state)
                 return False
-            if state.user_interrupt:  # Ctrl+C: every process got it; rank 0 says how to continue
+            if state.user_interrupt:  # Ctrl+C / SIGTERM: every process got it; rank 0 says how to continue
                 if _global_rank() == 0:
-                    print(self._message(head="Interrupted (SIGINT / Ctrl+C); the run stopped."), file=sys.stderr,
-                          flush=True)
+                    head = ("Stopped by SIGTERM; the run stopped." if state.stop_signal == "SIGTERM" else
+                            "Interrupted (SIGINT / Ctrl+C); the run stopped.")
+                    print(self._message(head=head), file=sys.stderr, flush=True)
+                if state.stop_signal == "SIGTERM":
+                    raise SystemExit(143)
                 if isinstance(exc, KeyboardInterrupt):
                     raise SystemExit(130)
                 return False

@@ -52,9 +52,10 @@ def _stale_reason(owner: dict) -> Optional[str]:
     return None
 
 
-def acquire_run_lock(run_dir: Path) -> Path:
+def acquire_run_lock(run_dir: Path, what: str = "Run directory", key: str = "paths.run_dir") -> Path:
     """Take `<run_dir>/.run.lock` for this process; returns its path. Raises RunDirLockedError when another live
-    run holds it (see the module docstring); takes over a stale lock."""
+    run holds it (see the module docstring); takes over a stale lock.
+    `what` / `key` name the folder and its config key in the message (e.g. "Output folder", "output")."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
@@ -69,9 +70,9 @@ def acquire_run_lock(run_dir: Path) -> Path:
             reason = _stale_reason(owner) if owner else "the lock file is unreadable"
             if reason is None:
                 raise RunDirLockedError(
-                    f"Run directory {run_dir} is in use by another run (pid {owner.get('pid')} on "
+                    f"{what} {run_dir} is in use by another run (pid {owner.get('pid')} on "
                     f"{owner.get('host')}, started {owner.get('started')}; lock file {path}). Two runs must not "
-                    f"write one directory: choose another paths.run_dir=..., or wait for that run. If it is "
+                    f"write one folder: choose another {key}=..., or wait for that run. If it is "
                     f"certainly gone (e.g. its node died), delete {path}.") from None
             from experiments.utils.pylogger import get_logger
 
@@ -95,14 +96,14 @@ def release_run_lock(path: Path) -> None:
 
 
 @contextmanager
-def run_dir_lock(run_dir: Path, enabled: bool = True) -> Iterator[Optional[Path]]:
-    """Hold the run-directory lock for the duration of the block (no-op when ``enabled`` is False, e.g. on
-    ranks other than zero). Yields the lock path or None."""
-    if not enabled:
-        yield None
-        return
-    path = acquire_run_lock(run_dir)
+def run_dir_lock(run_dir: Path, enabled: bool = True, what: str = "Run directory",
+                 key: str = "paths.run_dir") -> Iterator[Optional[Path]]:
+    """Hold the lock of `run_dir` (a run directory, or any folder one run writes, e.g. mode=invert's output) for
+    the duration of the block (no-op when ``enabled`` is False, e.g. on ranks other than zero). Yields the lock path
+    or None."""
+    path = acquire_run_lock(run_dir, what, key) if enabled else None
     try:
         yield path
     finally:
-        release_run_lock(path)
+        if path is not None:
+            release_run_lock(path)
