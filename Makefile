@@ -1,4 +1,5 @@
-# Two commands for a fresh machine: `make run` (set up + main job) and `make test` (set up + tests).
+# Two commands for a fresh machine: `make run` (set up + the main job, the +exp=dhr chain; `make run EXP=stylegan`
+# trains stage 0) and `make test` (set up + tests).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_SILENT := true
-EXP ?= stylegan
+EXP ?= dhr
 ARGS ?=
 
 .PHONY: setup run test test-slow test-all benchmark clean-env

@@ -22,6 +22,7 @@ in-domain only where both agree.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -102,7 +103,7 @@ def _apply_edit(edit: Mapping[str, Any], codes: Tensor, strength: float) -> Tens
 
 
 def check_segmentation(seg: Mapping[str, Any]) -> None:
-    """ValueError naming the ``model.segmentation`` key whose value is not one of its choices."""
+    """ValueError naming the ``model.segmentation`` key whose value is not valid (checked before any image)."""
     choices = {"error_scoring": (seg["error_scoring"], ERROR_SCORINGS),
                "slic_input": (seg["slic_input"], SLIC_INPUTS),
                "coarse.error_image": (seg["coarse"]["error_image"], ("last_step", "final"))}
@@ -112,6 +113,22 @@ def check_segmentation(seg: Mapping[str, Any]) -> None:
     res = seg["coarse"]["resolution"]
     if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res < 1):
         raise ValueError(f"model.segmentation.coarse.resolution={res!r}; a positive size or null (the image size)")
+    for key, value in (("coarse.steps", seg["coarse"]["steps"]),
+                       ("superpixels.n_segments", seg["superpixels"]["n_segments"])):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model.segmentation.{key}={value!r}; must be an integer >= 1")
+    lr = seg["coarse"]["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"model.segmentation.coarse.lr={lr!r}; must be a number > 0")
+
+
+def failure_reason(state: RefineState, j: int) -> str:
+    """Why refinement sample ``j`` failed, for its record."""
+    if state.diverged is not None and bool(state.diverged[j]):
+        first, last = float(state.losses[0, j]), float(state.losses[-1, j])
+        return (f"the refinement diverged (loss {first:.4g} -> {last:.4g}, above model.refine.divergence_factor x its "
+                f"start); lower the learning rates")
+    return "the refinement loss became NaN / inf; the image was stopped"
 
 
 def _merge(defaults: Mapping, given: Optional[Mapping]) -> Dict[str, Any]:
@@ -201,13 +218,14 @@ class RefineModule(FrozenStage1, pl.LightningModule):
             # official PTI's loss on the whole image: plain LPIPS (= per_layer with a mask of ones) + F.mse_loss
             return RefineConfig(weight_steps=int(pti.get("steps", 350)), weight_lr=float(pti.get("lr", 3e-4)),
                                 feature_steps=0, feature_resolution=base.feature_resolution, l2=base.l2,
-                                perceptual=base.perceptual, mse_normalisation="per_channel", lpips_mask="per_layer")
+                                perceptual=base.perceptual, mse_normalisation="per_channel", lpips_mask="per_layer",
+                                divergence_factor=base.divergence_factor)
         if self.method == "feature_only":
             return RefineConfig(weight_steps=0, feature_steps=int(feature_only.get("steps", base.feature_steps)),
                                 feature_lr=float(feature_only.get("lr", base.feature_lr)),
                                 feature_resolution=feature_only.get("resolution", base.feature_resolution),
                                 l2=base.l2, perceptual=base.perceptual, mse_normalisation=base.mse_normalisation,
-                                lpips_mask=base.lpips_mask)
+                                lpips_mask=base.lpips_mask, divergence_factor=base.divergence_factor)
         return base if self.method == "dhr" else None
 
     def _needs_align_mask(self) -> bool:
@@ -468,7 +486,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
             extra = {"method": self.method, "seconds": seconds, "encoder_checkpoint": self.encoder_checkpoint}
             if failed:
                 self.writer.write(name, {}, {}, result["codes"][j], None, status="failed", extra=extra,
-                                  reason="the refinement loss became NaN / inf; the image was stopped")
+                                  reason=failure_reason(state, j))
                 continue
             metrics = self._gt_metrics(name, x[j:j + 1], result["output"][j:j + 1], result["ood_mask"], j)
             saved = None

@@ -72,6 +72,9 @@ class RefineConfig:
         lpips_mask: "per_layer" (official) = each LPIPS layer's map averaged inside m_r nearest-resized to that
             layer, summed over layers (``LPIPSLoss.masked_layer_distance``); "full_resolution" = the summed
             full-resolution map averaged inside the binary m (ours: no soft border at the coarse layers).
+        divergence_factor: an image whose last loss ends above this factor x its first loss is marked failed
+            ("diverged") instead of being saved as a result (ours, the official code has no check; it changes no
+            image that converges); None = off.
     """
 
     weight_steps: int = 50
@@ -84,6 +87,7 @@ class RefineConfig:
     tune: str = "synthesis"
     mse_normalisation: str = "official"
     lpips_mask: str = "per_layer"
+    divergence_factor: Optional[float] = 10.0
 
     def __post_init__(self):
         for name in ("weight_steps", "feature_steps"):
@@ -98,6 +102,9 @@ class RefineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"RefineConfig.{name} must be a finite number >= 0, got {v!r}")
+        d = self.divergence_factor
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not d > 1):
+            raise ValueError(f"RefineConfig.divergence_factor must be None or a number > 1, got {d!r}")
         r = self.feature_resolution
         if r is not None and not (_is_power_of_two(r) and r >= 4):
             raise ValueError(f"RefineConfig.feature_resolution must be None or a power of two >= 4, got {r!r}")
@@ -126,7 +133,9 @@ class RefineState:
         in_domain: (B, 1, S, S) full-resolution in-domain mask.
         point: generator hook point of f* (``Generator.next_block_input(r)``).
         losses: (steps, B) per-sample total loss L_ood + L_id of every step's forward (before its update).
-        failed: (B,) bool, True where the loss or gradients became non-finite (state frozen from then on).
+        failed: (B,) bool, True where the loss or gradients became non-finite (state frozen from then on) or the
+            refinement diverged.
+        diverged: (B,) bool, True where the last loss ended above ``divergence_factor`` x the first (also failed).
     """
 
     params: Optional[Dict[str, torch.Tensor]]
@@ -136,6 +145,7 @@ class RefineState:
     point: str
     losses: torch.Tensor
     failed: torch.Tensor
+    diverged: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -349,10 +359,13 @@ def hybrid_refine(G: Generator, codes: torch.Tensor, images: torch.Tensor, in_do
                 _adam_step(opt_w, params, grad_w, failed)
 
     losses = torch.stack(history) if history else torch.zeros(0, B, device=device)
+    diverged = torch.zeros_like(failed)
+    if config.divergence_factor is not None and len(history) > 1:
+        diverged = ~failed & (losses[-1] > config.divergence_factor * losses[0].clamp_min(1e-8))
     return RefineState(
         params=None if params is None else {n: p.detach() for n, p in params.items()},
         feature=None if feature is None else feature.detach(),
-        mask_r=mask_r, in_domain=in_domain, point=point, losses=losses, failed=failed)
+        mask_r=mask_r, in_domain=in_domain, point=point, losses=losses, failed=failed | diverged, diverged=diverged)
 
 
 def decode(G: Generator, state: RefineState, codes: torch.Tensor,

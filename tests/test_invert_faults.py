@@ -2,6 +2,7 @@
 nothing computed is lost or silently overwritten, SIGTERM stops at once, reruns respect the stored settings."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -339,3 +340,57 @@ def test_sigterm_stops_trainer_test_at_once(tmp_path):
             trainer.test(module, DataLoader(torch.zeros(4, 1), batch_size=1), verbose=False)
     assert exit_info.value.code == 143 and module.seen == [0] and time.monotonic() - start < 5
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))
+
+
+# ---------------------------------------------------------------------------------------------------- divergence
+def test_a_diverging_refinement_is_failed_with_its_reason(compose_cfg, make_images, encoder, tmp_path):
+    """`model.refine.feature_lr=1e9` used to write 5 dB results with loss 1e18 as `ok`."""
+    make_images(tmp_path / "photos", ["a.png"], size=(64, 64))
+    out = tmp_path / "out"
+    run_invert(compose_cfg, invert_overrides(encoder, tmp_path / "photos", out, "model.method=feature_only",
+                                             "model.feature_only.steps=20", "model.feature_only.lr=1e9"),
+               tmp_path / "run")
+    record = json.loads((out / "a" / "record.json").read_text())
+    assert record["status"] == "failed" and "diverged" in record["reason"] and "divergence_factor" in record["reason"]
+    assert not (out / "a" / "reconstruction.png").exists()
+
+
+def test_divergence_check_leaves_converging_images_alone_and_can_be_off():
+    from networks.hybrid_refine import RefineConfig, hybrid_refine
+    from networks.stylegan2 import Generator
+
+    torch.manual_seed(0)
+    G = Generator(32, style_dim=16, n_mlp=1, channel_multiplier=1, channel_max=16)
+    codes = G.mean_latent(64).reshape(1, 1, -1).repeat(2, G.n_latent, 1)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+
+    def mse(x, y, mask=None):
+        return (x - y).pow(2).flatten(1).mean(1)
+
+    mask = torch.ones(2, 1, 32, 32)
+    mask[:, :, 16:] = 0
+    fine = hybrid_refine(G, codes, images, mask, mse, RefineConfig(weight_steps=3, feature_steps=5,
+                                                                   feature_resolution=8, perceptual=0.0))
+    assert not fine.failed.any() and not fine.diverged.any()
+    wild = dict(weight_steps=0, feature_steps=5, feature_lr=1e9, feature_resolution=8, perceptual=0.0)
+    assert hybrid_refine(G, codes, images, mask, mse, RefineConfig(**wild)).diverged.all()
+    off = hybrid_refine(G, codes, images, mask, mse, RefineConfig(**wild, divergence_factor=None))
+    assert not off.diverged.any()
+    with pytest.raises(ValueError, match="divergence_factor"):
+        RefineConfig(divergence_factor=0.5)
+
+
+@pytest.mark.parametrize("override,message", [("model.segmentation.coarse.steps=-3", r"coarse.steps=-3; must be an "
+                                                                                        r"integer >= 1"),
+                                              ("model.segmentation.coarse.lr=0", r"coarse.lr=0; must be a number > 0")])
+def test_bad_segmentation_numbers_fail_before_any_image(compose_cfg, make_images, encoder, tmp_path, override,
+                                                        message):
+    from experiments.utils.errors import describe_user_error
+
+    make_images(tmp_path / "photos", ["a.png"], size=(64, 64))
+    with pytest.raises(Exception) as err:
+        run_invert(compose_cfg, invert_overrides(encoder, tmp_path / "photos", tmp_path / "out", "model.method=dhr",
+                                                 override), tmp_path / "run")
+    assert describe_user_error(err.value) is not None
+    assert re.search(message, describe_user_error(err.value))
+    assert not (tmp_path / "out").exists()
