@@ -46,7 +46,7 @@ from lightning_modules.stage1_handoff import FrozenStage1
 from lightning_modules.stage1_module import batch_images
 from lightning_modules.steps import uncounted_step
 from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
-from networks.checkpoints import CheckpointError, weights_fingerprint, load_generator
+from networks.checkpoints import CheckpointError, check_same_generator, load_generator, weights_fingerprint
 from networks.stylegan2 import Discriminator
 
 PRODUCED_BY = "stage2 AlignMaskModule"
@@ -377,15 +377,10 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
             self.grid_batch = {k: v[:n] for k, v in rows.items()}
 
     def _check_same_generator(self, path: Path) -> None:
-        where = f"model.generator_checkpoint={path} and model.encoder_checkpoint={self.encoder_checkpoint}"
         if not path.is_file():
             raise CheckpointError(f"model.generator_checkpoint={path}: no such file")
         other, _ = load_generator(path)
-        if dict(other.config) != dict(self.generator.config):
-            raise CheckpointError(f"{where} hold different generators: {dict(other.config)} vs "
-                                  f"{dict(self.generator.config)} (size / latent count must match)")
-        mine = self.generator.state_dict()
-        if any(not torch.equal(v, mine[k]) for k, v in other.state_dict().items()):
-            raise CheckpointError(f"{where} hold generators with the same architecture but different weights; "
-                                  f"stage 2 must use the generator stage 1 was trained for")
+        check_same_generator(self.generator, other.config, weights_fingerprint(other),
+                             theirs=f"model.generator_checkpoint={path}", made="saved",
+                             ours=f"model.encoder_checkpoint={self.encoder_checkpoint}")
         rank_zero_info(f"AlignMaskModule: {path} matches the generator inside {self.encoder_checkpoint}")

@@ -42,7 +42,7 @@ from lightning_modules.projection import project
 from lightning_modules.stage1_handoff import FrozenStage1
 from lightning_modules.stage1_module import batch_images
 from networks.align_mask import load_align_mask
-from networks.checkpoints import CheckpointError, weights_fingerprint
+from networks.checkpoints import CheckpointError, check_same_generator
 from networks.domain_segmentation import (ERROR_SCORINGS, SEGMENTATION_SOURCES, SLIC_INPUTS, align_mask_in_domain,
                                           combine_sources, region_error, region_score_mask, superpixels,
                                           upsampled_error)
@@ -240,15 +240,9 @@ class RefineModule(FrozenStage1, pl.LightningModule):
                              f"{self.segmentation['source']} needs model.align_mask_checkpoint (a stage-2 "
                              f"align_mask.pt, e.g. from +exp=ood_blend)")
         net, meta = load_align_mask(path)
-        theirs = meta.get("generator")
-        if theirs is not None and dict(theirs) != dict(self.generator.config):
-            raise CheckpointError(f"model.align_mask_checkpoint={path} was trained for generator {dict(theirs)}, but "
-                                  f"model.encoder_checkpoint={self.encoder_checkpoint} holds {dict(self.generator.config)}")
-        sha = meta.get("generator_sha1")
-        if sha is not None and sha != weights_fingerprint(self.generator):
-            raise CheckpointError(f"model.align_mask_checkpoint={path} was trained with another generator than the one "
-                                  f"inside model.encoder_checkpoint={self.encoder_checkpoint} (same architecture, "
-                                  f"different weights: a hand-off from another run?)")
+        check_same_generator(self.generator, meta.get("generator"), meta.get("generator_sha1"),
+                             theirs=f"model.align_mask_checkpoint={path}",
+                             ours=f"model.encoder_checkpoint={self.encoder_checkpoint}")
         return net.requires_grad_(False)
 
     def _grid_align_net(self, path: Optional[str]):

@@ -26,7 +26,7 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, PearsonCorrCoef
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from datamodules.synthfaces.parts import PART_CLASSES
+from labels.synthfaces import PART_CLASSES
 from lightning_modules.plain import to_plain
 from networks.synthfaces_nets import (AttributeClassifier, FaceParser, load_attribute_classifier, load_face_parser,
                                       save_aux_net, visibility_mask)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.checkpoints import CheckpointError, load_strict, plain_containers, safe_load, save_atomic
+from networks.resolution import is_power_of_two
 from networks.stylegan2.layers import Blur
 
 TAP_STRIDES = {"f0": 1, "f1": 2, "f2": 4, "f3": 8, "f4": 16}
@@ -56,17 +57,13 @@ LEGACY_MATHS = {"blur_padding": "replicate", "warp_grid": "identity", "gate_inte
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _is_power_of_two(n) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n > 0 and n & (n - 1) == 0
-
-
 def default_levels(size: int) -> list:
     """Resolutions r (powers of two) with ``max(8, size // 32) <= r <= size // 4``.
 
     1024 -> [32, 64, 128, 256]; 256 -> [8, 16, 32, 64]; 64 -> [8, 16]. ValueError when ``size`` is not a
     power of two or is too small (< 32) to have a level.
     """
-    if not _is_power_of_two(size):
+    if not is_power_of_two(size):
         raise ValueError(f"default_levels: size must be a power of two, got {size!r}")
     lo, hi = max(8, size // 32), size // 4
     levels = [2 ** i for i in range(3, int(math.log2(size)) + 1) if lo <= 2 ** i <= hi]
@@ -82,7 +79,7 @@ def tap_for_level(r: int, encoder_input_size: int) -> str:
     downsizes it, bilinear with antialiasing). E.g. 1024 px G + 256 px encoder: 32 -> f3, 64 -> f2,
     128 -> f1, 256 -> f0. ValueError naming both sizes when every tap is smaller than ``r``.
     """
-    if not _is_power_of_two(encoder_input_size):
+    if not is_power_of_two(encoder_input_size):
         raise ValueError(f"tap_for_level: encoder_input_size must be a power of two, got {encoder_input_size!r}")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"tap_for_level: level resolution must be a positive int, got {r!r}")

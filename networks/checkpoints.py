@@ -206,6 +206,27 @@ def weights_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def check_same_generator(generator: nn.Module, config: Optional[Mapping[str, Any]], sha1: Optional[str],
+                         theirs: str, ours: str, made: str = "trained") -> None:
+    """CheckpointError unless the generator another file was made with is ``generator`` (the one such check).
+
+    Args:
+        generator: the generator in use (``.config`` dict, weights).
+        config: the other file's generator config (None = not recorded: not checked).
+        sha1: the other file's ``weights_fingerprint`` of its generator (None = not recorded: not checked).
+        theirs: how the messages name the other file (``"model.align_mask_checkpoint=a.pt"``).
+        ours: how they name the file ``generator`` came from (``"model.encoder_checkpoint=e.pt"``).
+        made: the verb for the other file ("trained", "saved").
+    """
+    mine = dict(generator.config)
+    if config is not None and dict(config) != mine:
+        raise CheckpointError(f"{theirs} and {ours} hold different generators: {theirs} was {made} for generator "
+                              f"{dict(config)}, but {ours} holds {mine} (size / latent count must match)")
+    if sha1 is not None and sha1 != weights_fingerprint(generator):
+        raise CheckpointError(f"{theirs} was {made} with another generator than the one inside {ours} (same "
+                              f"architecture, different weights: a hand-off from another run?)")
+
+
 def handoff_metadata(path) -> Dict[str, Any]:
     """The record a hand-off file keeps of what produced it: its ``meta`` dict (generator, align_mask) or its
     ``opts`` (encoder, e4e layout), made JSON-safe (non-JSON values as strings); {} for files without one, such

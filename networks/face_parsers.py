@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datamodules.synthfaces.parts import PART_INDEX
+from labels.synthfaces import PART_INDEX
 
 from .checkpoints import CheckpointError, load_strict, safe_load
 

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from networks.resolution import is_power_of_two
 from networks.stylegan2 import Generator, call_with_params, expand_params
 
 
@@ -48,10 +49,6 @@ TUNE_CHOICES = ("synthesis",)
 MSE_NORMALISATIONS = ("official", "per_channel")
 LPIPS_MASKS = ("per_layer", "full_resolution")
 WEIGHT_FORMATS = ("delta_bf16", "full", "none")
-
-
-def _is_power_of_two(n) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n > 0 and n & (n - 1) == 0
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -106,7 +103,7 @@ class RefineConfig:
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not d > 1):
             raise ValueError(f"RefineConfig.divergence_factor must be None or a number > 1, got {d!r}")
         r = self.feature_resolution
-        if r is not None and not (_is_power_of_two(r) and r >= 4):
+        if r is not None and not (is_power_of_two(r) and r >= 4):
             raise ValueError(f"RefineConfig.feature_resolution must be None or a power of two >= 4, got {r!r}")
         for name, choices in (("tune", TUNE_CHOICES), ("mse_normalisation", MSE_NORMALISATIONS),
                               ("lpips_mask", LPIPS_MASKS)):
@@ -116,7 +113,7 @@ class RefineConfig:
     def resolution_for(self, G: Generator) -> int:
         """The feature resolution r used with generator ``G`` (checks 4 <= r < G.size: f* enters the next block)."""
         r = self.feature_resolution if self.feature_resolution is not None else G.size // 8
-        if not (_is_power_of_two(r) and 4 <= r < G.size):
+        if not (is_power_of_two(r) and 4 <= r < G.size):
             raise ValueError(f"RefineConfig.feature_resolution={r} must be a power of two from 4 to half the "
                              f"generator size {G.size}")
         return r

@@ -5,11 +5,11 @@ Plain ``nn.Module``s (no Lightning, no Hydra). All take images ``(B, 3, H, W)`` 
 it first (bilinear, antialiased), so the nets also accept generator outputs of other sizes.
 
 * ``AttributeClassifier``: a small CNN with one output head per SynthFaces label
-  (``datamodules.synthfaces.factors.FACTORS``): categorical labels (hair_style, glasses, ...) get
+  (``labels.synthfaces.FACTORS``): categorical labels (hair_style, glasses, ...) get
   logits, continuous ones a regression output, and periodic ones (bg_angle, bg_hue, shirt_hue) a
   (cos, sin) pair. ``predict`` returns labels in the units of ``labels.json``; ``features`` the
   penultimate activations.
-* ``FaceParser``: a tiny U-Net predicting the 12 part classes of ``datamodules.synthfaces.parts``.
+* ``FaceParser``: a tiny U-Net predicting the 12 part classes of ``labels.synthfaces``.
 * ``SynthFacesFeatures``: a frozen classifier exposing ``num_features`` and taking images the way
   ``torchmetrics.image.fid.FrechetInceptionDistance(feature=...)`` passes them (uint8 in [0, 255],
   or float in [0, 1] when the metric is built with ``normalize=True``).
@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.synthfaces.factors import FACTOR_NAMES, FACTORS
-from datamodules.synthfaces.parts import NUM_PARTS, PART_CLASSES
+from labels.synthfaces import FACTOR_NAMES, FACTORS, NUM_PARTS, PART_CLASSES
 from networks.checkpoints import CheckpointError, load_strict, safe_load, save_atomic
 
 Tensor = torch.Tensor

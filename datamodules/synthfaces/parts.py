@@ -9,27 +9,7 @@ from __future__ import annotations
 
 import torch
 
-PART_CLASSES: tuple[str, ...] = (
-    "background",  # 0
-    "skin",        # 1 face skin
-    "hair",        # 2
-    "eye",         # 3 eye white, iris, pupil
-    "brow",        # 4
-    "nose",        # 5
-    "lips",        # 6
-    "mouth",       # 7 mouth interior and teeth
-    "glasses",     # 8 frames, and lenses of sunglasses
-    "ear",         # 9
-    "neck",        # 10
-    "clothes",     # 11
-)
-PART_INDEX = {name: i for i, name in enumerate(PART_CLASSES)}
-NUM_PARTS = len(PART_CLASSES)
-
-PART_PALETTE: tuple[tuple[int, int, int], ...] = (
-    (0, 0, 0), (204, 160, 120), (90, 50, 20), (255, 255, 255), (140, 30, 140), (255, 160, 0),
-    (230, 30, 60), (120, 0, 0), (0, 200, 255), (60, 180, 60), (150, 110, 80), (40, 60, 200),
-)
+from labels.synthfaces import NUM_PARTS, PART_CLASSES, PART_INDEX, PART_PALETTE  # noqa: F401 (the tables live there)
 
 
 def colorize_parts(parts: torch.Tensor) -> torch.Tensor:
