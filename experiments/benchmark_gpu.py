@@ -4,7 +4,7 @@ Prints one Markdown table (all ratios measured in one run):
 
 - generator forward and forward+backward images/s, ``impl="ref"`` vs ``impl="fast"`` (``networks/stylegan2/ops.py``),
   at 256 and 1024 px (rosinality config-f widths), batch ``--gen-batch``;
-- DHR hybrid refinement (``networks.hybrid_refine.hybrid_refine``, official steps ``RefineConfig()``: 50 weight +
+- DHR hybrid refinement (``networks.refine.hybrid.hybrid_refine``, official steps ``RefineConfig()``: 50 weight +
   100 feature steps, LPIPS-masked losses) at 1024 px, batch 1 vs 8, fp32 vs bf16 autocast, with the PSNR of each
   bf16 output against the fp32 output on the same inputs (the quality check) and the throughput as a multiple
   of the official DHR (about 12 s per image at batch 1 on an RTX 3090);
@@ -43,7 +43,7 @@ from experiments.benchmark_generator import best_time, generator_passes, seeded_
 from lightning_modules.perceptual import LPIPSLoss  # noqa: E402
 from networks.align_mask import AlignMaskNet, default_levels  # noqa: E402
 from networks.encoders import build_encoder, resize_to_encoder  # noqa: E402
-from networks.hybrid_refine import RefineConfig, decode, hybrid_refine  # noqa: E402
+from networks.refine.hybrid import RefineConfig, decode, hybrid_refine  # noqa: E402
 from networks.stylegan2 import Generator  # noqa: E402
 
 CONFIG_F = dict(style_dim=512, n_mlp=8, channel_multiplier=2)

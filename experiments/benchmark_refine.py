@@ -24,7 +24,7 @@ from datamodules.synthfaces_datamodule import SynthFacesDataModule, SynthFacesEv
 from lightning_modules.perceptual import LPIPSLoss  # noqa: E402
 from networks.encoder_checkpoints import load_e4e_checkpoint  # noqa: E402
 from networks.encoders import resize_to_encoder  # noqa: E402
-from networks.hybrid_refine import RefineConfig, hybrid_refine  # noqa: E402
+from networks.refine.hybrid import RefineConfig, hybrid_refine  # noqa: E402
 from experiments.benchmark_generator import sync  # noqa: E402
 
 WEIGHTS = ROOT / "experiments" / "weights" / "synthfaces"

@@ -27,8 +27,11 @@ import torch  # noqa: E402
 from datamodules.ood_patches import paste_random_patches  # noqa: E402
 from datamodules.synthfaces_datamodule import SynthFacesDataModule  # noqa: E402
 from lightning_modules.metrics import mask_metrics  # noqa: E402
-from lightning_modules.stage3_module import RefineModule  # noqa: E402
-from networks.domain_segmentation import region_error, region_score_mask, superpixels, upsampled_error  # noqa: E402
+from lightning_modules.perceptual import LPIPSLoss  # noqa: E402
+from lightning_modules.stage3_build import segmentation_settings  # noqa: E402
+from networks.encoder_checkpoints import load_e4e_checkpoint  # noqa: E402
+from networks.refine.segmentation import upsampled_error  # noqa: E402
+from networks.refine.segmenter import DomainSegmenter, load_parser  # noqa: E402
 
 WEIGHTS = ROOT / "experiments" / "weights" / "synthfaces"
 OFFICIAL = {"skin": 0.7, **{c: 0.8 for c in ("eye", "brow", "nose", "lips", "mouth", "ear")}}
@@ -49,31 +52,32 @@ def main(argv=None) -> dict:
     parser.add_argument("--scales", default="0.02,0.04,0.06,0.08,0.1,0.12,0.15,0.2")
     args = parser.parse_args(argv)
 
-    module = RefineModule(args.encoder, method="dhr", lpips={"allow_random_backbone": True},
-                          segmentation={**SYNTHFACES_DSS, "parser": args.parser, "thresholds": OFFICIAL,
-                                        "coarse": {**SYNTHFACES_DSS["coarse"], "steps": args.steps}})
-    dm = SynthFacesDataModule.from_existing(args.data, module.generator.size, batch_size=args.n, num_workers=0,
-                                            flip=False)
+    seg = segmentation_settings({**SYNTHFACES_DSS, "parser": args.parser, "thresholds": OFFICIAL,
+                                 "superpixels": {"n_segments": args.n_segments},
+                                 "coarse": {**SYNTHFACES_DSS["coarse"], "steps": args.steps}})
+    stage1 = load_e4e_checkpoint(Path(args.encoder).expanduser())
+    generator = stage1.generator.eval().requires_grad_(False)
+    lpips = LPIPSLoss(allow_random_backbone=True)  # SYNTHFACES_DSS shares the refinement's net (model.lpips)
+    parser, class_ids = load_parser(seg["parser_kind"], seg["parser"], seg["classes"], set(OFFICIAL))
+    segmenter = DomainSegmenter(generator, stage1.latent_avg.float(), seg, perceptual=lpips, parser=parser,
+                                class_ids=class_ids)
+    dm = SynthFacesDataModule.from_existing(args.data, generator.size, batch_size=args.n, num_workers=0, flip=False)
     dm.prepare_data()
     dm.setup("fit")
     torch.manual_seed(0)  # the shuffled training order
     images = next(iter(dm.train_dataloader()))[: args.n]
     images, truth = paste_random_patches(images, p=1.0, generator=torch.Generator().manual_seed(0))
-    seg = module.segmentation
-    maps = module.coarse_error_maps(images)
-    with torch.no_grad():
-        error = upsampled_error(maps, images.shape[-2:])
-        labels = superpixels(images, n_segments=args.n_segments, slic_input=seg["slic_input"])
-        probs = torch.softmax(module.parser(images), 1)
-    scores = region_error(maps, labels, seg["error_scoring"])
+    maps = segmenter.error_maps(images)  # computed once; every scale only re-thresholds
+    labels, probs = segmenter.regions(images)
+    error = upsampled_error(maps, images.shape[-2:])
     rows = []
     for scale in (float(s) for s in args.scales.split(",")):
-        thresholds = {module.class_ids[k]: v * scale / 0.6 for k, v in OFFICIAL.items()}
-        in_domain = region_score_mask(scores, labels, probs, thresholds, OFFICIAL_DEFAULT * scale / 0.6)
+        thresholds = {k: v * scale / 0.6 for k, v in OFFICIAL.items()}
+        in_domain = segmenter.error_in_domain(maps, labels, probs, thresholds, OFFICIAL_DEFAULT * scale / 0.6)
         m = mask_metrics(1 - in_domain, truth, thresholds=(0.5,))
         rows.append((scale, float(m["iou@0.5"].mean()), float(m["precision@0.5"].mean()), float(m["recall@0.5"].mean())))
     best = max(rows, key=lambda r: r[1])[0]
-    print(f"Error map (lpips {module.lpips.metric_name}): median {float(error.median()):.4f}, "
+    print(f"Error map (lpips {lpips.metric_name}): median {float(error.median()):.4f}, "
           f"inside patches {float((error * truth).sum() / truth.sum()):.4f}, "
           f"outside {float((error * (1 - truth)).sum() / (1 - truth).sum()):.4f}\n")
     print("| default threshold (others x 7/6, parts x 8/6) | IoU | precision | recall |\n|---|---|---|---|")

@@ -27,7 +27,7 @@ from datamodules.synthfaces_datamodule import SynthFacesEvalDataset  # noqa: E40
 from lightning_modules.edit_metrics import attribute_change  # noqa: E402
 from lightning_modules.metrics import MetricTable, image_metrics  # noqa: E402
 from lightning_modules.perceptual import LPIPSLoss  # noqa: E402
-from lightning_modules.projection import project  # noqa: E402
+from networks.refine.projection import project  # noqa: E402
 from networks.editing import apply_interfacegan, load_direction  # noqa: E402
 from networks.encoder_checkpoints import load_e4e_checkpoint  # noqa: E402
 from networks.encoders import resize_to_encoder  # noqa: E402

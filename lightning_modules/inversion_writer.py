@@ -23,9 +23,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 
 from callbacks.sample_grid import _save_png, grid_to_pil
+from lightning_modules.metrics import image_metrics, mask_metrics
 from networks.checkpoints import TMP_SUFFIX, atomic_target, plain_containers, save_atomic
 
 Tensor = torch.Tensor
@@ -58,6 +61,41 @@ def settings_difference(old: Mapping[str, Any], new: Mapping[str, Any], limit: i
                if a.get(k, "(unset)") != b.get(k, "(unset)")]
     more = f"; and {len(changed) - limit} more" if len(changed) > limit else ""
     return "; ".join(changed[:limit]) + more
+
+
+def failure_reason(state, j: int) -> str:
+    """Why refinement sample ``j`` of a ``RefineState`` failed, for its record."""
+    if state.diverged is not None and bool(state.diverged[j]):
+        first, last = float(state.losses[0, j]), float(state.losses[-1, j])
+        return (f"the refinement diverged (loss {first:.4g} -> {last:.4g}, above model.refine.divergence_factor x its "
+                f"start); lower the learning rates")
+    return "the refinement loss became NaN / inf; the image was stopped"
+
+
+def ground_truth_metrics(masks_dir: Optional[str], name: str, x: Tensor, out: Tensor,
+                         ood_mask: Optional[Tensor]) -> Optional[Dict[str, float]]:
+    """Per-image metrics of output ``out`` (1, 3, S, S) against input ``x`` (1, 3, S, S) in and out of the ground-truth
+    mask ``<masks_dir>/<name>.png`` (white = OOD), and of the predicted ``ood_mask`` (1, 1, S, S) against it; None
+    without a mask (a corrupt mask file warns and costs only this image's metrics)."""
+    if not masks_dir:
+        return None
+    path = Path(masks_dir).expanduser() / f"{name}.png"
+    if not path.is_file():
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            gt = torch.from_numpy(np.asarray(im.convert("L").resize(x.shape[-2:][::-1], Image.NEAREST)) >= 128)
+    except (OSError, ValueError) as err:
+        rank_zero_warn(f"masks: cannot read the ground-truth mask {path} ({type(err).__name__}: {err}); "
+                       f"{name!r} gets no metrics.json")
+        return None
+    gt = gt.float().view(1, 1, *x.shape[-2:]).to(x.device)
+    metrics = {k: float(v[0]) for k, v in image_metrics(out, x, gt).items()}
+    if ood_mask is not None:
+        metrics.update({k: float(v[0]) for k, v in mask_metrics(ood_mask, gt).items()})
+    return metrics
 
 
 def _image(t: Tensor):
@@ -124,7 +162,7 @@ class InversionWriter:
             images: {"input", "reconstruction", "ood_mask", ...}: (3, H, W) images in [-1, 1] or (1, H, W) masks.
             edits: {"<edit>_<strength>": (3, H, W)}.
             latent: (L, D) W+ code.
-            state: ``networks.hybrid_refine.state_for_image`` dict (None for methods without refinement).
+            state: ``networks.refine.hybrid.state_for_image`` dict (None for methods without refinement).
             metrics: per-image numbers (written when given).
             status: "ok" or "failed" (then ``reason`` says why; failed images get a record and no pictures).
             extra: more plain fields for the record (method, producer, ...).

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from networks.hybrid_refine import RefineConfig, decode, hybrid_refine
+from networks.refine.hybrid import RefineConfig, decode, hybrid_refine
 from networks.stylegan2 import Generator
 from tests.helpers.compat_weights import load_vectors, state_dict_from_vectors
 

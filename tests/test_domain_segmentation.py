@@ -1,8 +1,8 @@
-"""DHR domain-specific segmentation (networks.domain_segmentation): superpixels, region statistics, masks."""
+"""DHR domain-specific segmentation (networks.refine.segmentation): superpixels, region statistics, masks."""
 import pytest
 import torch
 
-from networks.domain_segmentation import (DHR_DEFAULT_THRESHOLD, DHR_OOD_CLASSES, DHR_THRESHOLDS,
+from networks.refine.segmentation import (DHR_DEFAULT_THRESHOLD, DHR_OOD_CLASSES, DHR_THRESHOLDS,
                                           SEGMENTATION_SOURCES, align_mask_in_domain, combine_sources,
                                           error_superpixel_mask, region_class, region_mean, superpixels,
                                           threshold_map)

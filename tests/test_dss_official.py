@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import yaml
 
 from lightning_modules.perceptual import LPIPSLoss
-from lightning_modules.projection import project
-from networks.domain_segmentation import (DHR_DEFAULT_THRESHOLD, DHR_OOD_CLASSES, DHR_THRESHOLDS, layer_region_scores,
+from networks.refine.projection import project
+from networks.refine.segmentation import (DHR_DEFAULT_THRESHOLD, DHR_OOD_CLASSES, DHR_THRESHOLDS, layer_region_scores,
                                           region_error, region_score_mask, slic_image, superpixels, upsampled_error)
 from tests.helpers.compat_weights import state_dict_from_vectors
 

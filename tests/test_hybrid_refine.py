@@ -1,4 +1,4 @@
-"""DHR hybrid modulation refinement (networks.hybrid_refine) on a tiny 32 px generator with random-backbone LPIPS."""
+"""DHR hybrid modulation refinement (networks.refine.hybrid) on a tiny 32 px generator with random-backbone LPIPS."""
 import copy
 import io
 import warnings
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from networks.hybrid_refine import (RefineConfig, RefineState, decode, domain_losses, feature_mask, hybrid_refine,
+from networks.refine.hybrid import (RefineConfig, RefineState, decode, domain_losses, feature_mask, hybrid_refine,
                                     masked_mse, state_for_image, state_from_images)
 from networks.stylegan2 import Generator
 

@@ -356,7 +356,7 @@ def test_a_diverging_refinement_is_failed_with_its_reason(compose_cfg, make_imag
 
 
 def test_divergence_check_leaves_converging_images_alone_and_can_be_off():
-    from networks.hybrid_refine import RefineConfig, hybrid_refine
+    from networks.refine.hybrid import RefineConfig, hybrid_refine
     from networks.stylegan2 import Generator
 
     torch.manual_seed(0)

@@ -1,11 +1,11 @@
-"""Optimisation-based projection (lightning_modules.projection) on a tiny generator."""
+"""Optimisation-based projection (networks.refine.projection) on a tiny generator."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.projection import (ProjectionResult, latent_stats, learning_rate, noise_regularization,
+from networks.refine.projection import (ProjectionResult, latent_stats, learning_rate, noise_regularization,
                                           project)
 from networks.stylegan2 import Generator
 

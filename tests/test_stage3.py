@@ -13,7 +13,7 @@ from lightning_modules.stage3_module import METHODS, RefineModule
 from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
 from networks.checkpoints import CheckpointError
 from networks.editing import save_direction
-from networks.hybrid_refine import decode, state_from_images
+from networks.refine.hybrid import decode, state_from_images
 from networks.stylegan2 import Generator
 from networks.synthfaces_nets import AttributeClassifier, FaceParser, save_aux_net
 from tests.helpers.tiny_stage1 import export_tiny_stage1

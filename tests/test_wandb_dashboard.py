@@ -18,7 +18,7 @@ from lightning_modules.stage3_module import RefineModule, grid_strengths
 from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
 from networks.checkpoints import export_generator
 from networks.editing import save_direction
-from networks.hybrid_refine import decode
+from networks.refine.hybrid import decode
 from networks.synthfaces_nets import AttributeClassifier, FaceParser, save_aux_net
 from tests.helpers.tiny_stage1 import export_tiny_stage1
 from tests.helpers.wandb_offline import config, history, read_records, run_file, summary

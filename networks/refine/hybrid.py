@@ -1,6 +1,6 @@
 """Hybrid modulation refinement, DHR stage C (methods.md §3.3), batched and per-sample independent.
 
-Given W+ codes, target images and an in-domain mask m (1 = in domain, see ``networks.domain_segmentation``):
+Given W+ codes, target images and an in-domain mask m (1 = in domain, see ``networks.refine.segmentation``):
 
 - a feature f* at one generator resolution r (default ``G.size // 8``: 128 for a 1024 px G) is initialised with
   G's own output of the r block and swapped in where the next block receives it (``Generator.next_block_input``:

@@ -1,0 +1,138 @@
+"""From the ``model`` config of stage 3 to a method object (``networks.refine.methods``), checked before any image.
+
+``segmentation_settings`` completes and checks ``model.segmentation``; ``load_align_net`` reads a stage-2 hand-off
+made for the same generator; ``build_segmenter`` / ``build_method`` assemble the parts a method needs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Optional
+
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_modules.perceptual import LPIPSLoss
+from lightning_modules.plain import to_plain
+from networks.align_mask import load_align_mask
+from networks.checkpoints import CheckpointError, check_same_generator
+from networks.refine.hybrid import RefineConfig
+from networks.refine.methods import DHR, E4E, METHODS, PTI, FeatureOnly, Method, OODBlend
+from networks.refine.segmentation import ERROR_SCORINGS, SEGMENTATION_SOURCES, SLIC_INPUTS
+from networks.refine.segmenter import DomainSegmenter, load_parser
+
+SEGMENTATION_DEFAULTS: Dict[str, Any] = {
+    "source": "error_superpixels",
+    # official: W only, 40 steps, LPIPS, noise optimised; loss at 256 px on the clamped synthesis; the error map on
+    # the last step's image (before its update). resolution null = the image size, no resize
+    "coarse": {"steps": 40, "lr": 0.1, "resolution": 256, "clamp": True, "error_image": "last_step"},
+    "lpips": {"net": "vgg", "backbone_weights": None, "allow_random_backbone": False},  # null = share model.lpips
+    "error_scoring": "official_per_layer",             # | upsampled_sum (see networks.refine.segmentation)
+    "superpixels": {"n_segments": 200, "compactness": 30.0, "sigma": 1.0},
+    "slic_input": "bgr_uint8",                         # | rgb_float
+    "parser": None,                                    # face-parser file; null = no parsing
+    "parser_kind": "synthfaces",                       # synthfaces | bisenet (face-parsing.PyTorch 79999_iter.pth)
+    "classes": None,                                   # class names in index order (null: the parser's own)
+    "thresholds": {},                                  # {class name: threshold}
+    "default_threshold": 0.6,
+    "ood_classes": [],                                 # parser classes that are always OOD
+    "align_threshold": 0.5,
+}
+
+
+def _merge(defaults: Mapping, given: Optional[Mapping]) -> Dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in defaults.items()}
+    for k, v in dict(to_plain(given or {})).items():
+        out[k] = {**out[k], **v} if isinstance(out.get(k), dict) and isinstance(v, Mapping) else v
+    return out
+
+
+def check_segmentation(seg: Mapping[str, Any]) -> None:
+    """ValueError naming the ``model.segmentation`` key whose value is not valid (checked before any image)."""
+    if seg["source"] not in SEGMENTATION_SOURCES:
+        raise ValueError(f"model.segmentation.source={seg['source']!r}; choose one of {', '.join(SEGMENTATION_SOURCES)}")
+    choices = {"error_scoring": (seg["error_scoring"], ERROR_SCORINGS),
+               "slic_input": (seg["slic_input"], SLIC_INPUTS),
+               "coarse.error_image": (seg["coarse"]["error_image"], ("last_step", "final"))}
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ValueError(f"model.segmentation.{key}={value!r}; choose one of {', '.join(valid)}")
+    res = seg["coarse"]["resolution"]
+    if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res < 1):
+        raise ValueError(f"model.segmentation.coarse.resolution={res!r}; a positive size or null (the image size)")
+    for key, value in (("coarse.steps", seg["coarse"]["steps"]),
+                       ("superpixels.n_segments", seg["superpixels"]["n_segments"])):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model.segmentation.{key}={value!r}; must be an integer >= 1")
+    lr = seg["coarse"]["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"model.segmentation.coarse.lr={lr!r}; must be a number > 0")
+
+
+def segmentation_settings(given: Optional[Mapping]) -> Dict[str, Any]:
+    """``model.segmentation`` over ``SEGMENTATION_DEFAULTS``, checked (``check_segmentation``)."""
+    seg = _merge(SEGMENTATION_DEFAULTS, given)
+    check_segmentation(seg)
+    return seg
+
+
+def needs_align_net(method: str, seg: Mapping[str, Any]) -> bool:
+    """Whether ``method`` with segmentation ``seg`` needs the stage-2 net."""
+    return METHODS[method].needs_align_net or (method == "dhr" and seg["source"] != "error_superpixels")
+
+
+def needs_error_map(method: str, seg: Mapping[str, Any]) -> bool:
+    """Whether ``method`` runs the DSS error cue (coarse inversion, superpixels, parser)."""
+    return method == "dhr" and seg["source"] != "align_mask"
+
+
+def load_align_net(path: Optional[str], generator: nn.Module, encoder_checkpoint: str, why: str) -> nn.Module:
+    """The frozen stage-2 net of ``model.align_mask_checkpoint``, refused when made for another generator."""
+    if not path:
+        raise ValueError(f"{why} needs model.align_mask_checkpoint (a stage-2 align_mask.pt, e.g. from +exp=ood_blend)")
+    net, meta = load_align_mask(path)
+    check_same_generator(generator, meta.get("generator"), meta.get("generator_sha1"),
+                         theirs=f"model.align_mask_checkpoint={path}", ours=f"model.encoder_checkpoint={encoder_checkpoint}")
+    return net.requires_grad_(False)
+
+
+def grid_align_net(path: Optional[str], generator: nn.Module, encoder_checkpoint: str) -> Optional[nn.Module]:
+    """The stage-2 net for the edit grid's stage-2 row of a method that does not need it: a file that does not fit
+    only costs that row (the method's own results do not depend on it)."""
+    if not path:
+        return None
+    try:
+        return load_align_net(path, generator, encoder_checkpoint, "the edit grid")
+    except CheckpointError as err:
+        rank_zero_warn(f"The edit grid has no stage-2 row: {err}")
+        return None
+
+
+def build_segmenter(seg: Mapping[str, Any], generator: nn.Module, latent_avg, lpips: nn.Module,
+                    align_net: Optional[nn.Module], seed: int, error_map: bool):
+    """(``DomainSegmenter``, its DSS perceptual net or None when it shares ``lpips``, parser or None, class ids)."""
+    parser, class_ids, seg_lpips = None, {}, None
+    if error_map:
+        if seg["parser"]:
+            parser, class_ids = load_parser(seg["parser_kind"], seg["parser"], seg["classes"],
+                                            set(seg["thresholds"]) | set(seg["ood_classes"]))
+        if seg["lpips"] is not None:
+            seg_lpips = LPIPSLoss(**seg["lpips"], key="model.segmentation.lpips.backbone_weights")
+    segmenter = DomainSegmenter(generator, latent_avg, seg, perceptual=(seg_lpips or lpips) if error_map else None,
+                                parser=parser, class_ids=class_ids, align_net=align_net, seed=seed)
+    return segmenter, seg_lpips, parser, class_ids
+
+
+def build_method(method: str, generator: nn.Module, lpips: nn.Module, refine: Optional[Mapping],
+                 pti: Optional[Mapping], feature_only: Optional[Mapping], align_net: Optional[nn.Module],
+                 segmenter: Optional[DomainSegmenter]) -> Method:
+    """The ``networks.refine.methods`` object of ``model.method`` with its config."""
+    config = RefineConfig(**dict(refine or {}))
+    if method == "e4e":
+        return E4E(generator)
+    if method == "ood_blend":
+        return OODBlend(generator, align_net)
+    if method == "pti":
+        return PTI(generator, lpips, config, **dict(pti or {}))
+    if method == "feature_only":
+        return FeatureOnly(generator, lpips, config, **dict(feature_only or {}))
+    return DHR(generator, lpips, config, segmenter)

@@ -1,0 +1,132 @@
+"""DHR's domain-specific segmentation as one object: coarse inversion, error maps, superpixels, parsing, sources.
+
+``DomainSegmenter(images, codes, taps)`` returns the in-domain mask of a batch with the cues it used; the
+stage-3 LightningModule and ``experiments/calibrate_segmentation.py`` both call it. The maths are the functions of
+``networks.refine.segmentation``; the coarse inversion is ``networks.refine.projection.project``.
+
+Settings (``settings``, a mapping with the keys of ``model.segmentation``): ``source`` (error_superpixels |
+align_mask | both), ``coarse`` {steps, lr, resolution, clamp, error_image}, ``error_scoring``, ``superpixels``
+{n_segments, compactness, sigma}, ``slic_input``, ``thresholds`` {class name: threshold}, ``default_threshold``,
+``ood_classes``, ``align_threshold``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
+
+import torch
+from torch import nn
+
+from networks.refine.projection import project
+from networks.refine.segmentation import (align_mask_in_domain, combine_sources, region_error, region_score_mask,
+                                          superpixels, upsampled_error)
+
+Tensor = torch.Tensor
+
+
+class LayerPerceptual(Protocol):
+    """A perceptual distance with per-layer maps (``lightning_modules.perceptual.LPIPSLoss``)."""
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor: ...
+
+    def layer_maps(self, x: Tensor, y: Tensor) -> List[Tensor]: ...
+
+
+def load_parser(kind: str, path: str, classes: Optional[list], wanted: set) -> Tuple[nn.Module, Dict[str, int]]:
+    """The face parser of ``model.segmentation.parser`` and its {class name: channel}; ValueError naming the key
+    when ``classes`` does not fit the parser or ``wanted`` (thresholds and OOD classes) names an unknown class."""
+    from networks.face_parsers import load_face_parsing
+
+    parser = load_face_parsing(kind, Path(path).expanduser())
+    names = classes or list(parser.class_names)
+    if len(names) != parser.num_classes:
+        raise ValueError(f"model.segmentation.classes lists {len(names)} names but the parser {path} predicts "
+                         f"{parser.num_classes} classes")
+    class_ids = {str(n): i for i, n in enumerate(names)}
+    unknown = sorted(set(wanted) - set(class_ids))
+    if unknown:
+        raise ValueError(f"model.segmentation: unknown parser classes {unknown}; the parser {path} has "
+                         f"{', '.join(class_ids)}")
+    return parser, class_ids
+
+
+class DomainSegmenter(nn.Module):
+    """In-domain masks of images by the official DSS (error superpixels), the stage-2 mask, or both.
+
+    Args:
+        generator: the frozen generator (the coarse W projection runs through it).
+        latent_avg: (L, D) or (D,) average latent (the projection starts from its first row).
+        settings: ``model.segmentation`` (see the module docstring).
+        perceptual: the DSS net (coarse inversion loss and error maps); needed unless source is align_mask.
+        parser: face parser (``probabilities(images)`` (B, K, S, S)) or None (every region: the default threshold).
+        class_ids: {class name: parser channel}.
+        align_net: the stage-2 ``AlignMaskNet``; needed unless source is error_superpixels.
+        seed: seed of the coarse projection (image b of a batch uses seed + b).
+    """
+
+    def __init__(self, generator: nn.Module, latent_avg: Tensor, settings: Mapping[str, Any],
+                 perceptual: Optional[LayerPerceptual] = None, parser: Optional[nn.Module] = None,
+                 class_ids: Optional[Mapping[str, int]] = None, align_net: Optional[nn.Module] = None, seed: int = 0):
+        super().__init__()
+        self.settings = settings
+        self.source = settings["source"]
+        self.generator, self.seed = generator, int(seed)
+        self.register_buffer("latent_avg", latent_avg.reshape(-1, latent_avg.shape[-1]), persistent=False)
+        self.perceptual, self.parser, self.align_net = perceptual, parser, align_net
+        self.class_ids = dict(class_ids or {})
+        if self.source != "align_mask" and perceptual is None:
+            raise ValueError(f"DomainSegmenter: source {self.source!r} needs a perceptual net for its error maps")
+        if self.source != "error_superpixels" and align_net is None:
+            raise ValueError(f"DomainSegmenter: source {self.source!r} needs the stage-2 align_net")
+
+    def error_maps(self, images: Tensor) -> List[Tensor]:
+        """The DSS error cue of images (B, 3, S, S): per-layer perceptual maps [(B, 1, h_l, w_l)] between a coarse
+        W projection (``settings["coarse"]``) and the images. Needs autograd enabled (the projection)."""
+        c = self.settings["coarse"]
+        coarse = project(self.generator, images, perceptual=self.perceptual, latent_avg=self.latent_avg[0], space="w",
+                         steps=int(c["steps"]), lr=float(c["lr"]), seed=self.seed, loss_resolution=c["resolution"],
+                         clamp=bool(c["clamp"]))
+        image = coarse.last_step_images if c["error_image"] == "last_step" else coarse.images
+        with torch.no_grad():
+            return self.perceptual.layer_maps(image, images)
+
+    @torch.no_grad()
+    def regions(self, images: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """SLIC superpixel labels (B, S, S) int64 and the parser's class probabilities (B, K, S, S) or None."""
+        s = self.settings
+        labels = superpixels(images, **s["superpixels"], slic_input=s["slic_input"])
+        probs = self.parser.probabilities(images) if self.parser is not None else None
+        return labels, probs
+
+    def error_in_domain(self, maps: List[Tensor], labels: Tensor, probs: Optional[Tensor],
+                        thresholds: Optional[Mapping[str, float]] = None,
+                        default_threshold: Optional[float] = None) -> Tensor:
+        """(B, 1, S, S) in {0, 1}: superpixels whose error score is under their class's threshold (parser classes
+        in ``ood_classes`` always OOD). ``thresholds`` / ``default_threshold`` replace the settings' (calibration)."""
+        s = self.settings
+        thresholds = s["thresholds"] if thresholds is None else thresholds
+        default = s["default_threshold"] if default_threshold is None else default_threshold
+        scores = region_error(maps, labels, s["error_scoring"])
+        return region_score_mask(scores, labels, probs, {self.class_ids[k]: float(v) for k, v in thresholds.items()},
+                                 float(default), [self.class_ids[c] for c in s["ood_classes"]])
+
+    def forward(self, images: Tensor, codes: Tensor, taps: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Segment images (B, 3, S, S) in [-1, 1] with their W+ codes (B, L, D) and encoder taps.
+
+        Returns {"in_domain" (B, 1, S, S) in {0, 1}, plus the cues used: "error_map" (B, 1, S, S),
+        "error_in_domain" (B, 1, S, S), "align_mask" (B, 1, S, S) 1 = OOD}.
+        """
+        out: Dict[str, Tensor] = {}
+        error_in = align_in = None
+        if self.source != "align_mask":
+            maps = self.error_maps(images)
+            labels, probs = self.regions(images)
+            error_in = self.error_in_domain(maps, labels, probs)
+            out.update(error_map=upsampled_error(maps, images.shape[-2:]), error_in_domain=error_in)
+        if self.source != "error_superpixels":
+            with torch.no_grad():
+                mask = self.align_net(self.generator, codes, taps, images).mask
+            align_in = align_mask_in_domain(mask, float(self.settings["align_threshold"]))
+            out["align_mask"] = mask
+        out["in_domain"] = combine_sources(self.source, error_in, align_in)
+        return out
