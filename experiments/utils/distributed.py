@@ -12,9 +12,12 @@ What Lightning 2.6 does by itself (measured with the crash runs of tests/test_dd
   (set the strategy's `timeout` for that, see the README).
 
 What run.py adds (`RankFailureGuard`, around the whole job in `main()`):
-* rank 0 watches the children itself (this module's watcher replaces Lightning's observer, poll every
-  `POLL_S`): when one exits with a non-zero status it SIGKILLs the other children (a rank blocked in a collective
-  never returns) and interrupts rank 0's main thread (`INTERRUPT_SIGNAL` -> `RankDiedError` raised wherever it
+* rank 0 watches the children itself (Linux: it finds the processes Lightning started in /proc by the flag Lightning
+  adds to their command line, and one thread per child waits for its exit with ``os.waitid``; only public Lightning
+  behaviour and the operating system are used). A child that exits with a non-zero status is reaped at once, so
+  Lightning's own observer (which SIGKILLs rank 0 when it sees one, every 5 s) finds nothing to act on. The watcher
+  then SIGKILLs the other children (a rank blocked in a collective never returns) and interrupts rank 0's main
+  thread (`INTERRUPT_SIGNAL` -> `RankDiedError` raised wherever it
   runs, so Lightning's exception hooks, the teardown and the W&B finish still run; files are written to a
   temporary name and renamed, so an interrupted write leaves no half file). If the main thread does not react
   within `GRACE_S` (blocked inside one C call, e.g. a NCCL wait) the watcher prints the message and exits;
@@ -26,6 +29,8 @@ What run.py adds (`RankFailureGuard`, around the whole job in `main()`):
   only notes it and checks between training batches and between evaluation batches (never in `predict`); its own
   handler still runs first (it forwards the signal to its child processes), then ours raises KeyboardInterrupt.
   Exit status 143.
+Without /proc (macOS) Lightning's own observer stays in charge (exit 137 without a message); torchrun and SLURM
+(`srun`) do the same by themselves: when one task ends with an error they stop the others and report which one.
 The message (`failure_message`) names the dead rank and how it ended, what is kept (each `last.ckpt` of the run
 directory with its step; for `mode=invert` the finished image folders) and the exact command to continue: the
 run's own overrides plus `resume=true paths.run_dir=<run dir>`. Exit status 1 (when rank 0 itself was killed,
@@ -178,7 +183,7 @@ def failure_message(failure: Optional[RankFailure], run_dir: Path, overrides: Se
 class _State:
     """What the watcher threads and the guard share (one guard per process at a time)."""
 
-    procs: Optional[list] = None            # rank 0: Lightning's child Popen objects (local ranks 1..N-1)
+    procs: Optional[list] = None            # rank 0: the _Child processes Lightning started (local ranks 1..N-1)
     parent_pid: Optional[int] = None        # a Lightning child: its parent, local rank 0
     failure: Optional[RankFailure] = None
     handling: bool = False                  # the guard is reporting: the watcher must not interrupt any more
@@ -203,13 +208,98 @@ def _local_rank() -> int:
         return 0
 
 
+class _Child:
+    """A rank that Lightning started from rank 0 (local rank >= 1), seen through the operating system only.
+
+    A waiter thread blocks in ``os.waitid(..., WNOWAIT)`` until the process exits; a non-zero exit is then reaped
+    at once (``os.waitpid``), so that Lightning's observer, polling its ``Popen`` every 5 s, sees no error status
+    and does not SIGKILL rank 0 before the guard has reported. ``poll`` / ``wait`` / ``send_signal`` as ``Popen``.
+    """
+
+    def __init__(self, pid: int, local_rank: int):
+        self.pid, self.local_rank = pid, local_rank
+        self.returncode: Optional[int] = None
+        self._waiter = threading.Thread(target=self._wait_exit, name=f"rank-wait-{pid}", daemon=True)
+        self._waiter.start()
+
+    def _wait_exit(self) -> None:
+        try:
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:  # already reaped by Lightning's Popen: it ended well, or Lightning reports it
+            self.returncode = 0
+            return
+        except OSError:
+            return
+        code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        if code != 0:
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+        self.returncode = code
+
+    def poll(self) -> Optional[int]:
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        self._waiter.join(timeout)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+
+def _find_children(flag: str = LIGHTNING_CHILD_FLAG) -> List[tuple]:
+    """(pid, local rank) of this process's children whose command line holds ``flag`` (Linux /proc; [] elsewhere)."""
+    me, found = os.getpid(), []
+    try:
+        pids = set()
+        for task in os.scandir(f"/proc/{me}/task"):
+            try:
+                pids.update(int(p) for p in Path(task.path, "children").read_text().split())
+            except OSError:
+                pids = None  # a kernel without the children files: look at every process
+                break
+        if pids is None:
+            pids = {int(e.name) for e in os.scandir("/proc") if e.name.isdigit()}
+    except OSError:
+        return []
+    for pid in sorted(pids):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) != me:
+                continue
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            if not any(a.startswith(flag) for a in argv):
+                continue
+            env = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+            local = next(int(e.partition("=")[2]) for e in env if e.startswith("LOCAL_RANK="))
+        except (OSError, ValueError, IndexError, StopIteration):
+            continue
+        found.append((pid, local))
+    return found
+
+
+def _discover_children(state: _State) -> None:
+    """Rank 0's thread: adopt the ranks Lightning starts (checked every 0.1 s until the guard exits)."""
+    known = {}
+    while not state.stopped:
+        new = [(pid, local) for pid, local in _find_children() if pid not in known]
+        if new:
+            known.update({pid: _Child(pid, local) for pid, local in new})
+            state.procs = sorted(known.values(), key=lambda c: c.local_rank)
+            if len(known) == 1:
+                threading.Thread(target=_watch, args=(state, _dead_child), name="child-watch", daemon=True).start()
+        time.sleep(0.1)
+
+
 def _dead_child(state: _State) -> Optional[RankFailure]:
     """The first child of rank 0 that has exited with a non-zero status (None while all run or ended well)."""
     procs = state.procs or []
-    for i, proc in enumerate(procs):
+    for proc in procs:
         code = proc.poll()
         if code not in (None, 0):
-            return RankFailure(_node_rank() * (len(procs) + 1) + i + 1, proc.pid, code)
+            return RankFailure(_node_rank() * (len(procs) + 1) + proc.local_rank, proc.pid, code)
     return None
 
 
@@ -223,9 +313,9 @@ def _wait_for_children(state: _State, timeout: float = 60.0) -> None:
             proc.wait(max(0.0, deadline - time.monotonic()))
         except Exception:  # subprocess.TimeoutExpired: it ends on its own
             pass
-    for i, proc in enumerate(procs):
+    for proc in procs:
         if proc.returncode not in (None, 0):
-            print(f"Warning: DDP rank {_node_rank() * (len(procs) + 1) + i + 1} (pid {proc.pid}) "
+            print(f"Warning: DDP rank {_node_rank() * (len(procs) + 1) + proc.local_rank} (pid {proc.pid}) "
                   f"{describe_exit(proc.returncode)} after the run's work was done.", file=sys.stderr, flush=True)
 
 
@@ -236,6 +326,8 @@ def _kill_children(state: _State) -> None:
                 proc.send_signal(signal.SIGKILL)  # Lightning ignores SIGTERM in its processes
             except ProcessLookupError:
                 pass
+    for proc in state.procs or []:  # reaped by their waiters: Lightning's observer must not see the SIGKILL
+        proc.wait(2.0)
 
 
 def _parent_failure(state: _State) -> Optional[RankFailure]:
@@ -267,7 +359,6 @@ class RankFailureGuard:
         self.script = script
         self.state = _State()
         self._saved: dict = {}
-        self._patched = None
 
     # ------------------------------------------------------------------ set-up
     def __enter__(self) -> "RankFailureGuard":
@@ -294,29 +385,12 @@ class RankFailureGuard:
 
         signal.signal(signal.SIGINT, on_sigint)
         signal.signal(signal.SIGTERM, on_sigterm)
-        self._patch_lightning_observer()
         if any(a.startswith(LIGHTNING_CHILD_FLAG) for a in sys.argv[1:]):
             self.state.parent_pid = os.getppid()
             threading.Thread(target=_watch, args=(self.state, _parent_failure), name="rank0-watch", daemon=True).start()
+        elif hasattr(os, "waitid"):  # rank 0 (or a single process): adopt the ranks Lightning starts, if any
+            threading.Thread(target=_discover_children, args=(self.state,), name="child-find", daemon=True).start()
         return self
-
-    def _patch_lightning_observer(self) -> None:
-        """Rank 0 of a Lightning-launched run: our watcher instead of Lightning's child-process observer."""
-        try:
-            from pytorch_lightning.strategies.launchers import subprocess_script as launcher
-        except ImportError:
-            return
-        original = getattr(launcher, "_launch_process_observer", None)
-        if original is None:  # another Lightning version: its own observer stays (exit 137, no message)
-            return
-        state = self.state
-
-        def start_watch(child_processes) -> None:
-            state.procs = child_processes
-            threading.Thread(target=_watch, args=(state, _dead_child), name="child-watch", daemon=True).start()
-
-        launcher._launch_process_observer = start_watch
-        self._patched = (launcher, original)
 
     # ------------------------------------------------------------------ exit
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -356,10 +430,6 @@ class RankFailureGuard:
         for signum, handler in self._saved.items():
             signal.signal(signum, handler)
         self._saved = {}
-        if self._patched is not None:
-            launcher, original = self._patched
-            launcher._launch_process_observer = original
-            self._patched = None
 
     def _find_failure(self) -> Optional[RankFailure]:
         """After a broken connection: which process ended (rank 0 waits up to FIND_DEAD_S for the child's exit)."""
