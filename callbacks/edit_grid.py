@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from callbacks.sample_grid import _save_png, grid_to_pil, make_grid
+from callbacks.images import grid_to_pil, make_grid, save_png
 
 
 def _label(strength: float) -> str:
@@ -117,7 +117,7 @@ class EditGrid(pl.Callback):
             strengths, rows = list(grid["strengths"]), dict(grid["rows"])
             tiles = layout(strengths, rows, self.tile_size)
             picture = grid_to_pil(make_grid(tiles, nrow=len(strengths) + 1))
-            path = _save_png(picture, run_dir / "edits" / f"{stage}_edit_grid_{_safe_name(edit)}.png")
+            path = save_png(picture, run_dir / "edits" / f"{stage}_edit_grid_{_safe_name(edit)}.png")
             paths.append(path)
             text = caption(edit, strengths, list(rows), next(iter(rows.values())).shape[1])
             for logger in trainer.loggers:

@@ -15,7 +15,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from callbacks.sample_grid import _save_png, grid_to_pil, make_grid
+from callbacks.images import grid_to_pil, make_grid, save_png
 
 CLASS_LABELS = {0: "in-domain", 1: "out-of-domain"}
 
@@ -80,7 +80,7 @@ class MaskOverlay(pl.Callback):
                                         nrow=rows["input"].shape[0]))
         step = trainer.global_step
         run_dir = Path(self.run_dir or trainer.default_root_dir)
-        _save_png(picture, run_dir / "masks" / f"{stage}_step_{step:06d}.png")
+        save_png(picture, run_dir / "masks" / f"{stage}_step_{step:06d}.png")
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.experiment.log({f"{stage}/{self.key}": wandb_mask_images(rows, self.threshold),

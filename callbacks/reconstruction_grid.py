@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import pytorch_lightning as pl
 import torch
 
-from callbacks.sample_grid import _save_png, grid_to_pil, make_grid
+from callbacks.images import grid_to_pil, make_grid, save_png
 
 
 def stack_rows(rows: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -61,7 +61,7 @@ class ReconstructionGrid(pl.Callback):
         picture = grid_to_pil(make_grid(images, nrow=n))
         step = trainer.global_step
         run_dir = Path(self.run_dir or trainer.default_root_dir)
-        _save_png(picture, run_dir / "reconstructions" / f"{prefix}_{step:06d}.png")
+        save_png(picture, run_dir / "reconstructions" / f"{prefix}_{step:06d}.png")
         caption = " / ".join(rows)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):

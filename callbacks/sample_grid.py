@@ -1,59 +1,17 @@
 """Periodic sample grids from the EMA generator: PNG files under ``run_dir/samples`` and logger images.
 
-Plain torch + PIL (no torchvision): ``make_grid`` tiles a batch, ``save_grid`` writes it atomically.
+The image helpers (``make_grid``, ``save_grid``, ...) live in ``callbacks.images`` (re-exported here).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from pytorch_lightning.utilities import rank_zero_warn
 
-from networks.checkpoints import atomic_target
-
-
-def make_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 2,
-              pad_value: float = 1.0) -> torch.Tensor:
-    """Tile images (N, C, H, W) with values in [-1, 1] into one (C, H', W') tensor in [0, 1].
-
-    ``nrow`` images per row (default ceil(sqrt(N))); rows = ceil(N / nrow); H' = rows * (H + padding)
-    + padding, W' = nrow * (W + padding) + padding. Empty cells and borders are ``pad_value``.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"make_grid expects (N, C, H, W) images, got shape {tuple(images.shape)}")
-    n, c, h, w = images.shape
-    nrow = max(1, min(nrow or math.ceil(math.sqrt(n)), n))
-    rows = math.ceil(n / nrow)
-    grid = images.new_full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value)
-    tiles = ((images.detach().float() + 1) / 2).clamp(0, 1)
-    for k in range(n):
-        y, x = padding + (k // nrow) * (h + padding), padding + (k % nrow) * (w + padding)
-        grid[:, y:y + h, x:x + w] = tiles[k]
-    return grid
-
-
-def grid_to_pil(grid: torch.Tensor) -> Image.Image:
-    """(C, H, W) tensor in [0, 1] with C in {1, 3} -> PIL image (8-bit, L or RGB)."""
-    array = (grid.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    if array.shape[0] == 1:
-        return Image.fromarray(array[0].numpy())
-    return Image.fromarray(array.permute(1, 2, 0).contiguous().numpy())
-
-
-def save_grid(images: torch.Tensor, path, nrow: Optional[int] = None, padding: int = 2) -> Path:
-    """Write images (N, C, H, W) in [-1, 1] as one PNG grid (see ``make_grid``); returns the path."""
-    return _save_png(grid_to_pil(make_grid(images, nrow=nrow, padding=padding)), path)
-
-
-def _save_png(image: Image.Image, path) -> Path:
-    path = Path(path)
-    with atomic_target(path) as tmp:  # readers never see a half-written file
-        image.save(tmp, format="PNG")
-    return path
+from callbacks.images import grid_to_pil, make_grid, save_grid, save_png  # noqa: F401 (re-exported)
 
 
 class SampleGrid(pl.Callback):
@@ -124,7 +82,7 @@ class SampleGrid(pl.Callback):
         generator.train(was_training)
         picture = grid_to_pil(make_grid(images, nrow=self.nrow))
         run_dir = Path(self.run_dir or trainer.default_root_dir)
-        path = _save_png(picture, run_dir / "samples" / f"step_{step:06d}.png")
+        path = save_png(picture, run_dir / "samples" / f"step_{step:06d}.png")
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key=self.key, images=[picture], step=step, caption=[f"step {step}"])

@@ -75,7 +75,8 @@ def main(argv=None) -> dict:
         thresholds = {k: v * scale / 0.6 for k, v in OFFICIAL.items()}
         in_domain = segmenter.error_in_domain(maps, labels, probs, thresholds, OFFICIAL_DEFAULT * scale / 0.6)
         m = mask_metrics(1 - in_domain, truth, thresholds=(0.5,))
-        rows.append((scale, float(m["iou@0.5"].mean()), float(m["precision@0.5"].mean()), float(m["recall@0.5"].mean())))
+        rows.append((scale, float(m["iou@0.5"].mean()), float(m["precision@0.5"].mean()),
+                     float(m["recall@0.5"].mean())))
     best = max(rows, key=lambda r: r[1])[0]
     print(f"Error map (lpips {lpips.metric_name}): median {float(error.median()):.4f}, "
           f"inside patches {float((error * truth).sum() / truth.sum()):.4f}, "

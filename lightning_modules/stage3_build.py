@@ -6,6 +6,7 @@ made for the same generator; ``build_segmenter`` / ``build_method`` assemble the
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any, Dict, Mapping, Optional
 
 from pytorch_lightning.utilities import rank_zero_warn
@@ -49,7 +50,8 @@ def _merge(defaults: Mapping, given: Optional[Mapping]) -> Dict[str, Any]:
 def check_segmentation(seg: Mapping[str, Any]) -> None:
     """ValueError naming the ``model.segmentation`` key whose value is not valid (checked before any image)."""
     if seg["source"] not in SEGMENTATION_SOURCES:
-        raise ValueError(f"model.segmentation.source={seg['source']!r}; choose one of {', '.join(SEGMENTATION_SOURCES)}")
+        raise ValueError(f"model.segmentation.source={seg['source']!r}; choose one of "
+                         f"{', '.join(SEGMENTATION_SOURCES)}")
     choices = {"error_scoring": (seg["error_scoring"], ERROR_SCORINGS),
                "slic_input": (seg["slic_input"], SLIC_INPUTS),
                "coarse.error_image": (seg["coarse"]["error_image"], ("last_step", "final"))}
@@ -91,7 +93,8 @@ def load_align_net(path: Optional[str], generator: nn.Module, encoder_checkpoint
         raise ValueError(f"{why} needs model.align_mask_checkpoint (a stage-2 align_mask.pt, e.g. from +exp=ood_blend)")
     net, meta = load_align_mask(path)
     check_same_generator(generator, meta.get("generator"), meta.get("generator_sha1"),
-                         theirs=f"model.align_mask_checkpoint={path}", ours=f"model.encoder_checkpoint={encoder_checkpoint}")
+                         theirs=f"model.align_mask_checkpoint={path}",
+                         ours=f"model.encoder_checkpoint={encoder_checkpoint}")
     return net.requires_grad_(False)
 
 
@@ -136,3 +139,26 @@ def build_method(method: str, generator: nn.Module, lpips: nn.Module, refine: Op
     if method == "feature_only":
         return FeatureOnly(generator, lpips, config, **dict(feature_only or {}))
     return DHR(generator, lpips, config, segmenter)
+
+
+def build_parts(method: str, generator: nn.Module, latent_avg, encoder_checkpoint: str,
+                align_mask_checkpoint: Optional[str], refine: Optional[Mapping], pti: Optional[Mapping],
+                feature_only: Optional[Mapping], segmentation: Optional[Mapping], lpips: Mapping,
+                seed: int) -> SimpleNamespace:
+    """Everything ``RefineModule`` holds for ``model.method``, checked before any image: ``segmentation`` (settings),
+    ``align_net`` (or None), ``lpips`` (the refinement's net), ``segmentation_lpips`` / ``parser`` (or None),
+    ``class_ids`` and ``refiner`` (the ``Method``)."""
+    seg = segmentation_settings(segmentation)
+    if needs_align_net(method, seg):
+        align_net = load_align_net(align_mask_checkpoint, generator, encoder_checkpoint,
+                                   f"model.method={method} with model.segmentation.source={seg['source']}")
+    else:
+        align_net = grid_align_net(align_mask_checkpoint, generator, encoder_checkpoint)
+    net = LPIPSLoss(**lpips)
+    segmenter, seg_lpips, parser, class_ids = None, None, None, {}
+    if method == "dhr":
+        segmenter, seg_lpips, parser, class_ids = build_segmenter(seg, generator, latent_avg, net, align_net, seed,
+                                                                  needs_error_map(method, seg))
+    refiner = build_method(method, generator, net, refine, pti, feature_only, align_net, segmenter)
+    return SimpleNamespace(segmentation=seg, align_net=align_net, lpips=net, segmentation_lpips=seg_lpips,
+                           parser=parser, class_ids=class_ids, refiner=refiner)

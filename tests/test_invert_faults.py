@@ -17,7 +17,7 @@ from PIL import Image
 
 from experiments.utils import UserError
 from experiments.utils.run_lock import LOCK_NAME
-from lightning_modules.inversion_writer import InversionWriter
+from callbacks.inversion_writer import InversionWriter
 from networks.checkpoints import CheckpointError, atomic_target, safe_load, save_atomic
 from tests.helpers.tiny_stage1 import export_tiny_stage1
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lightning_modules.inversion_writer import InversionWriter
+from callbacks.inversion_writer import InversionWriter
 from lightning_modules.stage3_module import METHODS, RefineModule
 from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
 from networks.checkpoints import CheckpointError
@@ -159,11 +159,11 @@ def test_writer_refuses_names_outside_its_folder(tmp_path):
 def test_disk_full_stops_with_a_clear_message_and_keeps_finished_images(files, tmp_path, monkeypatch):
     import errno
 
-    import lightning_modules.inversion_writer as writer_module
+    import callbacks.inversion_writer as writer_module
 
     out = tmp_path / "inv"
     module = make_module(files, "e4e", output_dir=str(out))
-    real_save, calls = writer_module._save_png, []
+    real_save, calls = writer_module.save_png, []
 
     def failing_save(image, path):
         calls.append(path)
@@ -171,11 +171,11 @@ def test_disk_full_stops_with_a_clear_message_and_keeps_finished_images(files, t
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(image, path)
 
-    monkeypatch.setattr(writer_module, "_save_png", failing_save)
+    monkeypatch.setattr(writer_module, "save_png", failing_save)
     with pytest.raises(OSError, match=r"'img1'.*No space left.*1 finished image\(s\) are kept.*rerun"):
         make_tester(tmp_path).predict(module, DataLoader(batch(3), batch_size=3), return_predictions=False)
     assert (out / "img0" / "record.json").is_file() and not (out / "img1" / "record.json").exists()
-    monkeypatch.setattr(writer_module, "_save_png", real_save)
+    monkeypatch.setattr(writer_module, "save_png", real_save)
     make_tester(tmp_path).predict(make_module(files, "e4e", output_dir=str(out)), DataLoader(batch(3), batch_size=3),
                                   return_predictions=False)
     assert json.loads((out / "manifest.json").read_text())["ok"] == 3

@@ -104,7 +104,7 @@ EVALUATION_KEYS = ("model", "data", "generator", "seed", "chain")  # what define
 def check_previous_metrics(cfg: DictConfig, run_dir: Path, overwrite: bool) -> None:
     """``mode=evaluate`` in a run directory that holds an earlier evaluation's ``metrics/``: refused when that one
     was made with other settings (its ``config.yaml`` says), unless ``overwrite`` (then they are replaced)."""
-    from lightning_modules.inversion_writer import settings_difference
+    from callbacks.inversion_writer import settings_difference
 
     metrics, saved = Path(run_dir) / "metrics", Path(run_dir) / "config.yaml"
     if overwrite or not metrics.is_dir() or not any(metrics.iterdir()):

@@ -1,4 +1,7 @@
-"""Per-image results of ``mode=invert``: files on disk, one folder per image, resumable.
+"""Per-image results of ``mode=invert``: files on disk, one folder per image, resumable; a Lightning
+``BasePredictionWriter`` (``write_interval="batch"``): the stage module's ``predict_step`` returns what to write
+(``RefineModule.predict_step``) and ``write_on_batch_end`` writes it; at the end of ``trainer.predict`` every rank
+waits for the others, then rank zero writes the manifest.
 
 Layout under ``out_dir`` (``name`` = the image's path relative to the input folder, without extension)::
 
@@ -25,9 +28,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_warn
 
-from callbacks.sample_grid import _save_png, grid_to_pil
+from callbacks.images import grid_to_pil, save_png
 from lightning_modules.metrics import image_metrics, mask_metrics
 from networks.checkpoints import TMP_SUFFIX, atomic_target, plain_containers, save_atomic
 
@@ -104,11 +108,19 @@ def _image(t: Tensor):
     return grid_to_pil((t + 1) / 2 if t.shape[0] == 3 else t)
 
 
-class InversionWriter:
-    """Writes and finds the per-image results of ``mode=invert`` under ``out_dir`` (layout in the module doc)."""
+class InversionWriter(BasePredictionWriter):
+    """Writes and finds the per-image results of ``mode=invert`` under ``out_dir`` (layout in the module doc).
 
-    def __init__(self, out_dir, settings: Optional[Mapping[str, Any]] = None):
+    Args:
+        out_dir: the output folder.
+        settings: what defines a result (``RefineModule.result_settings()``), stored in every record.
+        masks_dir: optional ground-truth OOD masks (``<masks_dir>/<name>.png``, white = OOD): per-image metrics.
+    """
+
+    def __init__(self, out_dir, settings: Optional[Mapping[str, Any]] = None, masks_dir: Optional[str] = None):
+        super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir).expanduser()
+        self.masks_dir = masks_dir
         # what defines a result (method, checkpoints, refinement, segmentation, edits): stored in every record
         self.settings: Dict[str, Any] = plain_containers(dict(settings or {}))
 
@@ -172,9 +184,9 @@ class InversionWriter:
         files: List[str] = []
         if status == "ok":
             for key, tensor in images.items():
-                files.append(_save_png(_image(tensor), folder / f"{key}.png").name)
+                files.append(save_png(_image(tensor), folder / f"{key}.png").name)
             for key, tensor in edits.items():
-                files.append("edits/" + _save_png(_image(tensor), folder / "edits" / f"{key}.png").name)
+                files.append("edits/" + save_png(_image(tensor), folder / "edits" / f"{key}.png").name)
             save_atomic(latent.detach().cpu().clone(), folder / "latent.pt")
             files.append("latent.pt")
             if state is not None:
@@ -204,3 +216,47 @@ class InversionWriter:
         failed = [r["name"] for r in records if r["status"] != "ok"]
         return _write_json(self.out_dir / MANIFEST, {"images": len(records), "ok": len(records) - len(failed),
                                                      "failed": failed, "skipped": list(skipped), "records": records})
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def write_on_batch_end(self, trainer, pl_module, prediction: Optional[Mapping[str, Any]], batch_indices,
+                           batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Write one ``predict_step`` output: {"invalid": [names of inputs with NaN / inf], "names": [B names],
+        "extra": record fields, "images" (B, 3, S, S), "result": the method's result (``output``, ``codes``,
+        ``ood_mask``, ``state``), "edits": {edit: (B, 3, S, S)}, "states": [B state dicts or None]}; None = nothing
+        to do (every image finished)."""
+        if prediction is None:
+            return
+        for name in prediction["invalid"]:
+            self.write(name, {}, {}, torch.zeros(0), None, status="failed",
+                       reason="the image holds NaN or inf values", extra={"method": prediction["extra"]["method"]})
+        if not prediction["names"]:
+            return
+        x, result, extra = prediction["images"], prediction["result"], prediction["extra"]
+        state, ood = result["state"], result["ood_mask"]
+        for j, name in enumerate(prediction["names"]):
+            if state is not None and bool(state.failed[j]):
+                self.write(name, {}, {}, result["codes"][j], None, status="failed", extra=extra,
+                           reason=failure_reason(state, j))
+                continue
+            images = {"input": x[j], "reconstruction": result["output"][j]}
+            if ood is not None:
+                images["ood_mask"] = ood[j]
+            metrics = ground_truth_metrics(self.masks_dir, name, x[j:j + 1], result["output"][j:j + 1],
+                                           ood[j:j + 1] if ood is not None else None)
+            try:
+                self.write(name, images, {k: v[j] for k, v in prediction["edits"].items()}, result["codes"][j],
+                           prediction["states"][j], metrics=metrics, extra=extra)
+            except OSError as err:  # disk full, permissions: stop; finished images stay finished
+                raise OSError(f"could not write the results of {name!r} under {self.out_dir} ({err}); the "
+                              f"{len(self.records())} finished image(s) are kept; fix the problem and rerun "
+                              f"with the same output=... to complete the rest") from err
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        """End of ``trainer.predict``, on every rank: wait until every rank's folders are written (DDP: each image
+        went to one rank), then rank zero writes the manifest. Not ``on_predict_epoch_end``: Lightning skips that
+        hook on a rank whose predict loop has no batch, and the barrier would wait forever."""
+        if stage != "predict":
+            return
+        trainer.strategy.barrier("inversion_manifest")
+        if trainer.is_global_zero:
+            self.write_manifest()
