@@ -5,6 +5,8 @@ made for the same generator; ``build_segmenter`` / ``build_method`` assemble the
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 from types import SimpleNamespace
 from typing import Any, Dict, Mapping, Optional
@@ -77,14 +79,31 @@ def segmentation_settings(given: Optional[Mapping]) -> Dict[str, Any]:
     return seg
 
 
+def method_class(method: str) -> type:
+    """The ``Method`` subclass of ``model.method``: a name in ``networks.refine.methods.METHODS``, or the dotted path
+    of a class (``my_package.my_module.MyMethod``); ValueError naming the key otherwise."""
+    if method in METHODS:
+        return METHODS[method]
+    module, _, name = str(method).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ValueError(f"model.method={method!r} is not a stage-3 method; choose one of {', '.join(METHODS)} "
+                         f"(or the dotted path of a networks.refine.methods.Method subclass)")
+    return cls
+
+
 def needs_align_net(method: str, seg: Mapping[str, Any]) -> bool:
     """Whether ``method`` with segmentation ``seg`` needs the stage-2 net."""
-    return METHODS[method].needs_align_net or (method == "dhr" and seg["source"] != "error_superpixels")
+    return method_class(method).needs_align_net or (method == "dhr" and seg["source"] != "error_superpixels")
 
 
 def needs_error_map(method: str, seg: Mapping[str, Any]) -> bool:
     """Whether ``method`` runs the DSS error cue (coarse inversion, superpixels, parser)."""
-    return method == "dhr" and seg["source"] != "align_mask"
+    return seg["source"] != "align_mask" and (method == "dhr" or "segmenter" in inspect.signature(
+        method_class(method)).parameters)
 
 
 def load_align_net(path: Optional[str], generator: nn.Module, encoder_checkpoint: str, why: str) -> nn.Module:
@@ -138,7 +157,12 @@ def build_method(method: str, generator: nn.Module, lpips: nn.Module, refine: Op
         return PTI(generator, lpips, config, **dict(pti or {}))
     if method == "feature_only":
         return FeatureOnly(generator, lpips, config, **dict(feature_only or {}))
-    return DHR(generator, lpips, config, segmenter)
+    if method == "dhr":
+        return DHR(generator, lpips, config, segmenter)
+    cls = method_class(method)  # another method: the parts its constructor names
+    parts = {"generator": generator, "perceptual": lpips, "config": config, "align_net": align_net,
+             "segmenter": segmenter}
+    return cls(**{k: v for k, v in parts.items() if k in inspect.signature(cls).parameters})
 
 
 def build_parts(method: str, generator: nn.Module, latent_avg, encoder_checkpoint: str,
@@ -156,7 +180,7 @@ def build_parts(method: str, generator: nn.Module, latent_avg, encoder_checkpoin
         align_net = grid_align_net(align_mask_checkpoint, generator, encoder_checkpoint)
     net = LPIPSLoss(**lpips)
     segmenter, seg_lpips, parser, class_ids = None, None, None, {}
-    if method == "dhr":
+    if method == "dhr" or "segmenter" in inspect.signature(method_class(method)).parameters:
         segmenter, seg_lpips, parser, class_ids = build_segmenter(seg, generator, latent_avg, net, align_net, seed,
                                                                   needs_error_map(method, seg))
     refiner = build_method(method, generator, net, refine, pti, feature_only, align_net, segmenter)

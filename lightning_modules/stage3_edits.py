@@ -105,7 +105,7 @@ def edit_grid(images: Tensor, codes: Tensor, renderers: Mapping[str, Callable[[T
 
 def grid_renderers(method: str, generator, align_net, result: Mapping[str, Any], images: Tensor,
                    render: Callable[[Tensor], Tensor]) -> Dict[str, Callable[[Tensor], Tensor]]:
-    """The rows of a method's edit grid: ``e4e (stage 1)`` = G(edited codes); ``ood_blend (stage 2)`` = alignment +
+    """The rows of the edit grid of the method named ``method`` (``Method.name``): ``e4e (stage 1)`` = G(edited codes); ``ood_blend (stage 2)`` = alignment +
     blend when a stage-2 net is there; the method's own row (``render``: edited codes (B, L, D) -> images)."""
     codes = result["codes"]
     renderers = {GRID_LABELS["e4e"]: lambda c: generator.synthesize(c).image}
@@ -113,5 +113,5 @@ def grid_renderers(method: str, generator, align_net, result: Mapping[str, Any],
         renderers[GRID_LABELS["ood_blend"]] = \
             lambda c: align_net(generator, c, result["taps"], images, cue_codes=codes).output
     if method != "e4e":
-        renderers[GRID_LABELS[method]] = render
+        renderers[GRID_LABELS.get(method, f"{method} (stage 3)")] = render
     return renderers

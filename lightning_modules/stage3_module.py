@@ -20,14 +20,14 @@ from lightning_modules.edit_metrics import load_edit_scorer
 from lightning_modules.metrics import MetricTable, loader_size, method_comparison
 from lightning_modules.stage1_handoff import FrozenStage1
 from lightning_modules.stage1_module import batch_images
-from lightning_modules.stage3_build import SEGMENTATION_DEFAULTS, build_parts  # noqa: F401 (SEGMENTATION_DEFAULTS: API)
+from lightning_modules.stage3_build import SEGMENTATION_DEFAULTS, build_parts, method_class  # noqa: F401
 from lightning_modules.stage3_edits import (edit_grid, edited_codes, grid_edits, grid_renderers,  # noqa: F401
                                             grid_strengths, load_output_edit)
 from lightning_modules.stage3_scoring import SUMMARY_COLUMNS, score_batch
 from networks.refine.hybrid import WEIGHT_FORMATS, RefineState, state_for_image
 
 Tensor = torch.Tensor
-METHODS = ("e4e", "pti", "feature_only", "ood_blend", "dhr")
+METHODS = ("e4e", "pti", "feature_only", "ood_blend", "dhr")  # the built-in methods (the benchmark runs them all)
 
 
 class RefineModule(FrozenStage1, pl.LightningModule):
@@ -50,8 +50,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
                  edits: Optional[list] = None, output_dir: Optional[str] = None, masks_dir: Optional[str] = None,
                  save_weights: str = "delta_bf16", n_grid: int = 8, seed: int = 0):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"model.method={method!r} is not a stage-3 method; choose one of {', '.join(METHODS)}")
+        method_class(method)  # ValueError naming model.method when it is not a method
         self.save_hyperparameters()
         self.method = method
         self.load_stage1(encoder_checkpoint)
@@ -107,14 +106,14 @@ class RefineModule(FrozenStage1, pl.LightningModule):
     def edit_grid(self, images: Tensor, result: Mapping[str, Any], strengths: Optional[Sequence[float]] = None,
                   n_columns: int = 5) -> Dict[str, Dict[str, Any]]:
         """The dashboard's edit grid of images (B, 3, S, S) and their ``invert`` result (``stage3_edits``)."""
-        renderers = grid_renderers(self.method, self.generator, self.align_net, result, images,
+        renderers = grid_renderers(self.refiner.name, self.generator, self.align_net, result, images,
                                    lambda c: self.render_edit(result, images, c))
         return edit_grid(images, result["codes"], renderers, grid_edits(self.edits, self.edit), strengths, n_columns)
 
     def summary_markdown(self) -> str:
         """One-row Markdown table of the test means (the benchmark stacks the rows of all methods)."""
         means = self.test_table.mean()
-        return method_comparison(means, {self.method: ""}, SUMMARY_COLUMNS) if means else ""
+        return method_comparison(means, {self.refiner.name: ""}, SUMMARY_COLUMNS) if means else ""
 
     # ------------------------------------------------------------------ Lightning hooks
     def configure_optimizers(self):
