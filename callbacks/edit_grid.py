@@ -9,7 +9,7 @@ of columns, number of images) and the module renders it while scoring batch 0 in
 Column 0 of every row is the input. This callback only lays the tensors out and writes them: one PNG per edit,
 ``<run_dir>/edits/test_edit_grid_<edit>.png`` (image by image, one row per method), and, for every logger with
 ``log_image`` (W&B), the same picture under ``test/<key>/<edit>`` with a caption naming the rows and columns.
-Rank zero only. A module without ``edit_grid_request`` is left alone.
+Rank zero only. A module that does not offer ``lightning_modules.contracts.DrawsEditGrids`` is left alone.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from callbacks.images import grid_to_pil, make_grid, save_png
+from lightning_modules.contracts import DrawsEditGrids
 
 
 def _label(strength: float) -> str:
@@ -98,13 +99,13 @@ class EditGrid(pl.Callback):
         self.written: List[Path] = []
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if hasattr(pl_module, "edit_grid_request"):
+        if isinstance(pl_module, DrawsEditGrids):
             pl_module.edit_grid_batch = None  # no stale grid from an earlier test run
             pl_module.edit_grid_request = {"strengths": self.strengths, "n_columns": self.n_columns,
                                            "n": self.n_images}
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        grids = getattr(pl_module, "edit_grid_batch", None)
+        grids = pl_module.edit_grid_batch if isinstance(pl_module, DrawsEditGrids) else None
         if grids and trainer.is_global_zero:
             self.write(trainer, grids, "test")
 

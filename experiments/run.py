@@ -53,6 +53,7 @@ from experiments.utils import (  # noqa: E402
     report_user_errors,
 )
 from callbacks.handoff_artifact import log_handoff_artifact  # noqa: E402
+from lightning_modules.contracts import KeepsTestTable, SummarisesTests, WritesInversions  # noqa: E402
 from experiments.utils.chain import run_chain  # noqa: E402
 from experiments.utils.cli import available_exps, check_command_line  # noqa: E402
 from experiments.utils.distributed import RankFailureGuard  # noqa: E402
@@ -144,7 +145,7 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
     # Build everything before touching the run directory: a bad setting fails without side effects.
     datamodule = invert_datamodule(cfg) if mode == "invert" else hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
-    if mode == "invert" and getattr(model, "writer", None) is None:
+    if mode == "invert" and not (isinstance(model, WritesInversions) and model.writer is not None):
         raise UserError(f"mode=invert runs a stage-3 experiment (+exp=dhr, pti, feature_only, ...); "
                         f"{type(model).__name__} does not write inversions.")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
@@ -258,14 +259,14 @@ def evaluate(trainer, model, datamodule, run_dir: Path, ckpt_path: str | None = 
     `model.test_table` (when the stage keeps one) go to `<run_dir>/metrics/test.csv` and `test.json`, the means
     are printed, and `model.summary_markdown()` (when the stage has one) goes to `metrics/summary.md`."""
     trainer.test(model, datamodule=datamodule, verbose=False, ckpt_path=ckpt_path)
-    table = getattr(model, "test_table", None)
-    if not trainer.is_global_zero or table is None or not getattr(table, "rows", None):
+    table = model.test_table if isinstance(model, KeepsTestTable) else None
+    if not trainer.is_global_zero or table is None or not table.rows:
         return
     table.to_csv(run_dir / "metrics" / "test.csv")
     table.to_json(run_dir / "metrics" / "test.json")
     means = ", ".join(f"{k} {v:.4g}" for k, v in table.mean().items())
     print(f"Test ({len(table.rows)} images): {means}\nPer-image metrics: {run_dir / 'metrics' / 'test.csv'}")
-    summary = model.summary_markdown() if hasattr(model, "summary_markdown") else ""
+    summary = model.summary_markdown() if isinstance(model, SummarisesTests) else ""
     if summary:
         (run_dir / "metrics" / "summary.md").write_text(summary + "\n")
         print(summary)

@@ -3,6 +3,7 @@ subclass) plus one config file that names it in ``model.method``; the module, me
 they take the built-in methods."""
 import torch
 
+from lightning_modules.contracts import DrawsEditGrids, KeepsTestTable, SummarisesTests, WritesInversions
 from networks.refine.hybrid import decode
 from networks.refine.methods import HybridRefinement
 from tests.test_stage3 import batch, files, make_module, make_tester  # noqa: F401 (files: the fixture)
@@ -28,6 +29,7 @@ def test_a_new_method_is_one_class_named_in_the_config(files, tmp_path, compose_
     assert compose_cfg(["+exp=dhr", f"model.method={METHOD}"]).model.method == METHOD  # the config file's one line
     module = make_module(files, METHOD)
     assert isinstance(module.refiner, PixelErrorDHR)
+    assert all(isinstance(module, c) for c in (DrawsEditGrids, KeepsTestTable, SummarisesTests, WritesInversions))
     x = torch.stack([b["image"] for b in batch()])
     result = module.invert(x)
     with torch.no_grad():

@@ -1,0 +1,39 @@
+"""What ``experiments/run.py`` and the callbacks may ask of a stage module: small ``typing.Protocol``s, checked with
+``isinstance`` instead of probing attributes one by one. A stage offers a contract by having its members."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class KeepsTestTable(Protocol):
+    """A stage whose ``trainer.test`` keeps per-image rows (``lightning_modules.metrics.MetricTable``): run.py writes
+    them to ``metrics/test.csv`` and ``test.json``."""
+
+    test_table: Any
+
+
+@runtime_checkable
+class SummarisesTests(Protocol):
+    """A stage with a one-row Markdown summary of its test means (``metrics/summary.md``)."""
+
+    def summary_markdown(self) -> str: ...
+
+
+@runtime_checkable
+class WritesInversions(Protocol):
+    """A stage that runs ``mode=invert``: ``writer`` is its ``callbacks.inversion_writer.InversionWriter`` (None
+    without an output folder) and ``result_settings()`` what defines a result."""
+
+    writer: Any
+
+    def result_settings(self) -> Dict[str, Any]: ...
+
+
+@runtime_checkable
+class DrawsEditGrids(Protocol):
+    """A stage that draws the edit grid of its first test batch: ``callbacks.edit_grid.EditGrid`` sets
+    ``edit_grid_request`` ({"strengths", "n_columns", "n"}) at test start and reads ``edit_grid_batch`` at the end."""
+
+    edit_grid_request: Optional[Dict[str, Any]]
+    edit_grid_batch: Optional[Dict[str, Dict[str, Any]]]
