@@ -541,7 +541,8 @@ def report(steps: Sequence[Step], work: Path, total: float) -> str:
     lines = [f"Rehearsal of the real-face recipe at {SIZE} px: {len(steps)} commands passed in {total:.0f} s "
              f"(files in {work})"]
     for s in steps:
-        lines.append(f"- {s.name}: {s.seconds:.0f} s, log {s.log}")
+        lines.append(f"- {s.name}: {s.seconds:.0f} s (peak RSS of the commands so far {s.peak_rss_gib:.1f} GiB), log "
+                     f"{s.log}")
         lines += [f"    {c}" for c in s.checks]
     return "\n".join(lines)
 
