@@ -19,6 +19,7 @@ from lightning_modules.plain import to_plain
 from networks.align_mask import load_align_mask
 from networks.checkpoints import CheckpointError, check_same_generator
 from networks.refine.hybrid import RefineConfig
+from networks.refine.projection import NOISE_STDS, TARGET_RESIZES
 from networks.refine.methods import DHR, E4E, METHODS, PTI, FeatureOnly, Method, OODBlend
 from networks.refine.segmentation import ERROR_SCORINGS, SEGMENTATION_SOURCES, SLIC_INPUTS
 from networks.refine.segmenter import DomainSegmenter, load_parser
@@ -26,8 +27,10 @@ from networks.refine.segmenter import DomainSegmenter, load_parser
 SEGMENTATION_DEFAULTS: Dict[str, Any] = {
     "source": "error_superpixels",
     # official: W only, 40 steps, LPIPS, noise optimised; loss at 256 px on the clamped synthesis; the error map on
-    # the last step's image (before its update). resolution null = the image size, no resize
-    "coarse": {"steps": 40, "lr": 0.1, "resolution": 256, "clamp": True, "error_image": "last_step"},
+    # the last step's image (before its update); from the mean of 10k mapped z; noise renormalised by torch.std; the
+    # target resized as an 8-bit image by PIL. resolution null = the image size, no resize
+    "coarse": {"steps": 40, "lr": 0.1, "resolution": 256, "clamp": True, "error_image": "last_step",
+               "start": "sampled_mean", "noise_std": "unbiased", "target_resize": "pil_uint8"},
     "lpips": {"net": "vgg", "backbone_weights": None, "allow_random_backbone": False},  # null = share model.lpips
     "error_scoring": "official_per_layer",             # | upsampled_sum (see networks.refine.segmentation)
     "superpixels": {"n_segments": 200, "compactness": 30.0, "sigma": 1.0},
@@ -56,7 +59,10 @@ def check_segmentation(seg: Mapping[str, Any]) -> None:
                          f"{', '.join(SEGMENTATION_SOURCES)}")
     choices = {"error_scoring": (seg["error_scoring"], ERROR_SCORINGS),
                "slic_input": (seg["slic_input"], SLIC_INPUTS),
-               "coarse.error_image": (seg["coarse"]["error_image"], ("last_step", "final"))}
+               "coarse.error_image": (seg["coarse"]["error_image"], ("last_step", "final")),
+               "coarse.start": (seg["coarse"]["start"], ("sampled_mean", "latent_avg")),
+               "coarse.noise_std": (seg["coarse"]["noise_std"], NOISE_STDS),
+               "coarse.target_resize": (seg["coarse"]["target_resize"], TARGET_RESIZES)}
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ValueError(f"model.segmentation.{key}={value!r}; choose one of {', '.join(valid)}")
@@ -97,12 +103,12 @@ def method_class(method: str) -> type:
 
 def needs_align_net(method: str, seg: Mapping[str, Any]) -> bool:
     """Whether ``method`` with segmentation ``seg`` needs the stage-2 net."""
-    return method_class(method).needs_align_net or (method == "dhr" and seg["source"] != "error_superpixels")
+    return method_class(method).needs_align_net or (method == "dhr" and seg["source"] in ("align_mask", "both"))
 
 
 def needs_error_map(method: str, seg: Mapping[str, Any]) -> bool:
     """Whether ``method`` runs the DSS error cue (coarse inversion, superpixels, parser)."""
-    return seg["source"] != "align_mask" and (method == "dhr" or "segmenter" in inspect.signature(
+    return seg["source"] in ("error_superpixels", "both") and (method == "dhr" or "segmenter" in inspect.signature(
         method_class(method)).parameters)
 
 

@@ -173,14 +173,27 @@ def test_segment_wires_the_official_dss(tmp_path):
     codes, taps = module.encode(images)
     seg = module.segment(images, codes, taps)
 
-    coarse = project(module.generator, images, perceptual=module.segmentation_lpips, latent_avg=module.latent_avg[0],
-                     space="w", steps=2, lr=0.1, loss_resolution=32, clamp=True)
+    # official start (mean of 10k mapped z), noise renormalised by torch.std, target resized as an 8-bit PIL image
+    coarse = project(module.generator, images, perceptual=module.segmentation_lpips, latent_avg=None,
+                     space="w", steps=2, lr=0.1, loss_resolution=32, clamp=True, noise_std="unbiased",
+                     target_resize="pil_uint8")
     with torch.no_grad():
         maps = module.segmentation_lpips.layer_maps(coarse.last_step_images, images)
     labels = superpixels(images, n_segments=30, slic_input="bgr_uint8")
     expected = region_score_mask(layer_region_scores(maps, labels), labels, None, {}, 0.03)
     assert torch.equal(seg["in_domain"], expected)
     torch.testing.assert_close(seg["error_map"], upsampled_error(maps, (64, 64)))
+    # the named departures reach the projection: the stage-1 file's average, PTI's std, the tensor resize
+    ours = {"start": "latent_avg", "noise_std": "biased", "target_resize": "antialiased"}
+    module.refiner.segmenter.settings["coarse"].update(ours)
+    coarse = project(module.generator, images, perceptual=module.segmentation_lpips, latent_avg=module.latent_avg[0],
+                     space="w", steps=2, lr=0.1, loss_resolution=32, clamp=True)
+    with torch.no_grad():
+        maps_ours = module.segmentation_lpips.layer_maps(coarse.last_step_images, images)
+    got = module.refiner.segmenter.error_maps(images)
+    for a, b in zip(got, maps_ours):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.allclose(a, b) for a, b in zip(maps_ours, maps))
     with pytest.raises(ValueError, match="model.segmentation.error_scoring='mean'"):
         RefineModule(str(stage1.path), lpips={"allow_random_backbone": True},
                      segmentation={"lpips": None, "error_scoring": "mean"})
@@ -192,7 +205,8 @@ def test_configs_official_by_default_synthfaces_variants_named(compose_cfg):
     from lightning_modules.stage3_module import SEGMENTATION_DEFAULTS
 
     refine = yaml.safe_load((ROOT / "experiments" / "configs" / "model" / "refine.yaml").read_text())["segmentation"]
-    official = {"coarse": {"steps": 40, "lr": 0.1, "resolution": 256, "clamp": True, "error_image": "last_step"},
+    official = {"coarse": {"steps": 40, "lr": 0.1, "resolution": 256, "clamp": True, "error_image": "last_step",
+                           "start": "sampled_mean", "noise_std": "unbiased", "target_resize": "pil_uint8"},
                 "lpips": {"net": "vgg", "backbone_weights": None, "allow_random_backbone": False},
                 "error_scoring": "official_per_layer", "slic_input": "bgr_uint8"}
     for key, value in official.items():

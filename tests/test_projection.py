@@ -151,3 +151,42 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="init_codes"):
         project(G, x, perceptual=pooled_mse, steps=1, init_codes=torch.zeros(2, 32), w_avg_samples=100)
     assert all(p.requires_grad for p in G.parameters())  # restored after the failing call
+
+
+def test_noise_std_options_renormalise_each_image_as_named():
+    """"biased" (PTI): population std 1 per image and map; "unbiased" (GANInverter's coarse inversion): torch.std 1."""
+    G = tiny_generator()
+    x, _ = targets(G, 2)
+    kw = dict(perceptual=pooled_mse, space="w", steps=3, lr=0.05, w_avg_samples=200)
+    for noise_std, correction in (("biased", 0), ("unbiased", 1)):
+        res = project(G, x, noise_std=noise_std, **kw)
+        for n in res.noises:
+            flat = n.flatten(1).double()
+            torch.testing.assert_close(flat.mean(1), torch.zeros(2, dtype=torch.float64), atol=1e-5, rtol=0)
+            torch.testing.assert_close(flat.std(1, correction=correction), torch.ones(2, dtype=torch.float64),
+                                       atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="noise_std must be one of"):
+        project(G, x, noise_std="sample", **kw)
+
+
+def test_pil_target_resize_is_the_8bit_image_through_pil_bilinear():
+    """"pil_uint8": what torchvision's Resize + ToTensor + Normalize(0.5, 0.5) make of the loaded 8-bit file."""
+    import numpy as np
+    from PIL import Image
+
+    from networks.refine.projection import pil_resized
+
+    u8 = torch.randint(0, 256, (2, 16, 16, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    images = u8.permute(0, 3, 1, 2).float() / 127.5 - 1
+    got = pil_resized(images, 8)
+    for b in range(2):
+        pil = Image.fromarray(u8[b].numpy()).resize((8, 8), Image.BILINEAR)
+        want = (torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+        assert torch.equal(got[b], want)
+    assert pil_resized(images, None) is images and pil_resized(images, 16) is images
+    # the loss target differs from the antialiased tensor resize only by PIL's filter and 8-bit rounding
+    tensor = F.interpolate(images, size=(8, 8), mode="bilinear", align_corners=False, antialias=True)
+    assert 0 < (got - tensor).abs().max() < 0.1
+    G = tiny_generator()
+    with pytest.raises(ValueError, match="target_resize must be one of"):
+        project(G, targets(G, 1)[0], perceptual=pooled_mse, steps=1, target_resize="bicubic", w_avg_samples=100)

@@ -8,8 +8,9 @@ down with a cosine over the last ``lr_rampdown`` fraction; Gaussian noise of std
 ``w_std * initial_noise_factor * max(0, 1 - t / noise_ramp) ** 2`` is added to the code during the
 first ``noise_ramp`` fraction; optimised noise maps are renormalised to zero mean / unit variance
 after every step. With ``loss_resolution`` the loss compares the synthesis, optionally clamped to
-[-1, 1], bilinearly resized to that size with the target resized the same way with antialiasing (PIL's
-bilinear resize), as GANInverter's ``OptimizerInference`` scores a 1024 px generator at 256 px.
+[-1, 1], bilinearly resized to that size with the target resized with antialiasing (``target_resize``:
+on the tensor, or the 8-bit image through PIL as GANInverter's ``OptimizerInference`` gets it when it scores a
+1024 px generator at 256 px).
 
 Batching rule: every image has its own code and noise maps and the loss is the sum of the per-image
 losses, so (Adam being element-wise) images never influence each other. All per-image randomness
@@ -23,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,13 @@ Perceptual = Callable[[Tensor, Tensor], Tensor]
 
 SPACES = ("w", "w+")
 NOISE_MODES = ("optimise", "fixed")
+# renormalising optimised noise maps: "biased" = population std per image (PTI / StyleGAN2-ADA projector);
+# "unbiased" = torch.std (Bessel) per image (rosinality's projector, GANInverter's coarse inversion at batch 1)
+NOISE_STDS = ("biased", "unbiased")
+# resizing the target for loss_resolution: "antialiased" = bilinear with antialiasing on the tensor;
+# "pil_uint8" = the 8-bit image through PIL's bilinear resize (torchvision's Resize on the loaded file, as
+# GANInverter feeds its coarse inversion)
+TARGET_RESIZES = ("antialiased", "pil_uint8")
 
 
 @dataclass
@@ -128,8 +137,8 @@ def project(G: nn.Module, images: Tensor, *, perceptual: Perceptual, latent_avg:
             noise_regularize: float = 1e5, mse_weight: float = 0.0, initial_noise_factor: float = 0.05,
             noise_ramp: float = 0.75, lr_rampdown: float = 0.25, lr_rampup: float = 0.05, seed: int = 0,
             w_avg_samples: int = 10000, init_codes: Optional[Tensor] = None,
-            loss_resolution: Optional[int] = None, clamp: bool = False,
-            callback: Optional[Callable[[int, dict], None]] = None) -> ProjectionResult:
+            loss_resolution: Optional[int] = None, clamp: bool = False, noise_std: str = "biased",
+            target_resize: str = "antialiased", callback: Optional[Callable[[int, dict], None]] = None) -> ProjectionResult:
     """Embed target images into ``G``'s latent space by optimisation (see the module docstring).
 
     Args:
@@ -155,6 +164,10 @@ def project(G: nn.Module, images: Tensor, *, perceptual: Perceptual, latent_avg:
         loss_resolution: side of the images the loss compares (None: G.size, nothing resized); the synthesis is
             resized bilinearly, the target bilinearly with antialiasing.
         clamp: clamp the synthesis to [-1, 1] before the loss (GANInverter's coarse inversion does).
+        noise_std: how optimised noise maps are renormalised after each step (``NOISE_STDS``): "biased" (PTI) or
+            "unbiased" (GANInverter / rosinality: ``torch.std``).
+        target_resize: how the target reaches ``loss_resolution`` (``TARGET_RESIZES``): "antialiased" (the tensor)
+            or "pil_uint8" (the 8-bit image through PIL's bilinear resize, then back to [-1, 1] as ToTensor + Normalize(0.5, 0.5)).
         callback: called after every step as ``callback(step, {"codes" (B,n_latent,D), "images"
             (B,3,S,S) (this step's synthesis), "loss" (B,)})`` with detached tensors.
     Returns:
@@ -164,6 +177,10 @@ def project(G: nn.Module, images: Tensor, *, perceptual: Perceptual, latent_avg:
         raise ValueError(f"project: space must be one of {SPACES}, got {space!r}")
     if noise_mode not in NOISE_MODES:
         raise ValueError(f"project: noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+    if noise_std not in NOISE_STDS:
+        raise ValueError(f"project: noise_std must be one of {NOISE_STDS}, got {noise_std!r}")
+    if target_resize not in TARGET_RESIZES:
+        raise ValueError(f"project: target_resize must be one of {TARGET_RESIZES}, got {target_resize!r}")
     if steps < 1:
         raise ValueError(f"project: steps must be >= 1, got {steps}")
     if loss_resolution is not None and (isinstance(loss_resolution, bool) or int(loss_resolution) < 1):
@@ -176,7 +193,8 @@ def project(G: nn.Module, images: Tensor, *, perceptual: Perceptual, latent_avg:
     if g_device != device:
         raise ValueError(f"project: generator is on {g_device} but images are on {device}")
     batch = images.shape[0]
-    target = _resized(images.detach().float(), loss_resolution, antialias=True)
+    target = (pil_resized(images.detach().float(), loss_resolution) if target_resize == "pil_uint8"
+              else _resized(images.detach().float(), loss_resolution, antialias=True))
 
     modules = [G] + ([perceptual] if isinstance(perceptual, nn.Module) else [])
     saved_flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
@@ -237,7 +255,10 @@ def project(G: nn.Module, images: Tensor, *, perceptual: Perceptual, latent_avg:
                 with torch.no_grad():
                     for n in noises:
                         n -= n.mean(dim=(1, 2, 3), keepdim=True)
-                        n *= n.square().mean(dim=(1, 2, 3), keepdim=True).rsqrt()
+                        if noise_std == "biased":
+                            n *= n.square().mean(dim=(1, 2, 3), keepdim=True).rsqrt()
+                        else:
+                            n /= n.flatten(1).std(dim=1).reshape(-1, 1, 1, 1)
             if callback is not None:
                 callback(step, {"codes": code.detach().expand(batch, G.n_latent, G.style_dim).clone(),
                                 "images": synth.detach(), "loss": loss.detach()})
@@ -262,4 +283,19 @@ def _resized(images: Tensor, size: Optional[int], antialias: bool) -> Tensor:
                          antialias=antialias)
 
 
-__all__ = ["ProjectionResult", "project", "noise_regularization", "learning_rate", "latent_stats"]
+def pil_resized(images: Tensor, size: Optional[int]) -> Tensor:
+    """Images (B, 3, S, S) in [-1, 1] as 8-bit images resized by PIL's bilinear filter to (B, 3, size, size), back in
+    [-1, 1] (``(u / 255 - 0.5) / 0.5``): torchvision's ``Resize`` on a loaded file, then ``ToTensor`` + ``Normalize(0.5, 0.5)``.
+    Unchanged when size is None or S."""
+    if size is None or tuple(images.shape[-2:]) == (int(size), int(size)):
+        return images
+    from PIL import Image
+
+    u8 = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = [torch.from_numpy(np.asarray(Image.fromarray(a).resize((int(size), int(size)), Image.BILINEAR)).copy())
+           for a in u8]
+    unit = torch.stack(out).permute(0, 3, 1, 2).to(device=images.device, dtype=images.dtype) / 255
+    return (unit - 0.5) / 0.5
+
+
+__all__ = ["ProjectionResult", "project", "pil_resized", "NOISE_STDS", "TARGET_RESIZES", "noise_regularization", "learning_rate", "latent_stats"]

@@ -5,8 +5,8 @@ stage-3 LightningModule and ``experiments/calibrate_segmentation.py`` both call 
 ``networks.refine.segmentation``; the coarse inversion is ``networks.refine.projection.project``.
 
 Settings (``settings``, a mapping with the keys of ``model.segmentation``): ``source`` (error_superpixels |
-align_mask | both), ``coarse`` {steps, lr, resolution, clamp, error_image}, ``error_scoring``, ``superpixels``
-{n_segments, compactness, sigma}, ``slic_input``, ``thresholds`` {class name: threshold}, ``default_threshold``,
+align_mask | both), ``coarse`` {steps, lr, resolution, clamp, error_image, start, noise_std, target_resize},
+``error_scoring``, ``superpixels`` {n_segments, compactness, sigma}, ``slic_input``, ``thresholds`` {class name: threshold}, ``default_threshold``,
 ``ood_classes``, ``align_threshold``.
 """
 from __future__ import annotations
@@ -83,9 +83,12 @@ class DomainSegmenter(nn.Module):
         """The DSS error cue of images (B, 3, S, S): per-layer perceptual maps [(B, 1, h_l, w_l)] between a coarse
         W projection (``settings["coarse"]``) and the images. Needs autograd enabled (the projection)."""
         c = self.settings["coarse"]
-        coarse = project(self.generator, images, perceptual=self.perceptual, latent_avg=self.latent_avg[0], space="w",
+        # start "sampled_mean": the mean of 10,000 mapped z (what GANInverter's coarse inversion starts from when it
+        # is given an encoder checkpoint); "latent_avg": the stage-1 file's average latent
+        start = self.latent_avg[0] if c["start"] == "latent_avg" else None
+        coarse = project(self.generator, images, perceptual=self.perceptual, latent_avg=start, space="w",
                          steps=int(c["steps"]), lr=float(c["lr"]), seed=self.seed, loss_resolution=c["resolution"],
-                         clamp=bool(c["clamp"]))
+                         clamp=bool(c["clamp"]), noise_std=c["noise_std"], target_resize=c["target_resize"])
         image = coarse.last_step_images if c["error_image"] == "last_step" else coarse.images
         with torch.no_grad():
             return self.perceptual.layer_maps(image, images)
