@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -76,11 +76,11 @@ def failure_reason(state, j: int) -> str:
     return "the refinement loss became NaN / inf; the image was stopped"
 
 
-def ground_truth_metrics(masks_dir: Optional[str], name: str, x: Tensor, out: Tensor,
-                         ood_mask: Optional[Tensor]) -> Optional[Dict[str, float]]:
-    """Per-image metrics of output ``out`` (1, 3, S, S) against input ``x`` (1, 3, S, S) in and out of the ground-truth
-    mask ``<masks_dir>/<name>.png`` (white = OOD), and of the predicted ``ood_mask`` (1, 1, S, S) against it; None
-    without a mask (a corrupt mask file warns and costs only this image's metrics)."""
+def read_ground_truth_mask(masks_dir: Optional[str], name: str, size: Tuple[int, int],
+                           what: str = "gets no metrics.json") -> Optional[Tensor]:
+    """The ground-truth OOD mask ``<masks_dir>/<name>.png`` (white = OOD) as (1, 1, H, W) float in {0, 1} at
+    ``size`` (H, W) (nearest resize); None without ``masks_dir`` or the file, or when it cannot be read (warns:
+    ``name`` then ``what``)."""
     if not masks_dir:
         return None
     path = Path(masks_dir).expanduser() / f"{name}.png"
@@ -90,12 +90,23 @@ def ground_truth_metrics(masks_dir: Optional[str], name: str, x: Tensor, out: Te
 
     try:
         with Image.open(path) as im:
-            gt = torch.from_numpy(np.asarray(im.convert("L").resize(x.shape[-2:][::-1], Image.NEAREST)) >= 128)
+            gt = torch.from_numpy(np.asarray(im.convert("L").resize(tuple(size)[::-1], Image.NEAREST)) >= 128)
     except (OSError, ValueError) as err:
         rank_zero_warn(f"masks: cannot read the ground-truth mask {path} ({type(err).__name__}: {err}); "
-                       f"{name!r} gets no metrics.json")
+                       f"{name!r} {what}")
         return None
-    gt = gt.float().view(1, 1, *x.shape[-2:]).to(x.device)
+    return gt.float().view(1, 1, *size)
+
+
+def ground_truth_metrics(masks_dir: Optional[str], name: str, x: Tensor, out: Tensor,
+                         ood_mask: Optional[Tensor]) -> Optional[Dict[str, float]]:
+    """Per-image metrics of output ``out`` (1, 3, S, S) against input ``x`` (1, 3, S, S) in and out of the ground-truth
+    mask ``<masks_dir>/<name>.png`` (white = OOD), and of the predicted ``ood_mask`` (1, 1, S, S) against it; None
+    without a mask (a corrupt mask file warns and costs only this image's metrics)."""
+    gt = read_ground_truth_mask(masks_dir, name, tuple(x.shape[-2:]))
+    if gt is None:
+        return None
+    gt = gt.to(x.device)
     metrics = {k: float(v[0]) for k, v in image_metrics(out, x, gt).items()}
     if ood_mask is not None:
         metrics.update({k: float(v[0]) for k, v in mask_metrics(ood_mask, gt).items()})

@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import pytorch_lightning as pl
 import torch
 
-from callbacks.inversion_writer import InversionWriter
+from callbacks.inversion_writer import InversionWriter, read_ground_truth_mask
 from lightning_modules.edit_metrics import load_edit_scorer
 from lightning_modules.metrics import MetricTable, loader_size, method_comparison
 from lightning_modules.stage1_handoff import FrozenStage1
@@ -25,6 +25,7 @@ from lightning_modules.stage3_edits import (edit_grid, edited_codes, grid_edits,
                                             grid_strengths, load_output_edit)
 from lightning_modules.stage3_scoring import SUMMARY_COLUMNS, score_batch
 from networks.refine.hybrid import WEIGHT_FORMATS, RefineState, state_for_image
+from networks.refine.segmenter import ground_truth_missing
 
 Tensor = torch.Tensor
 METHODS = ("e4e", "pti", "feature_only", "ood_blend", "dhr")  # the built-in methods (the benchmark runs them all)
@@ -92,12 +93,28 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         """DHR's domain segmentation of images (B, 3, S, S) (``DomainSegmenter``)."""
         return self.refiner.segmenter(images, codes, taps)
 
-    def invert(self, images: Tensor) -> Dict[str, Any]:
+    @property
+    def uses_ground_truth(self) -> bool:
+        """Whether the method segments with the ground-truth OOD mask (``model.segmentation.source=ground_truth``,
+        the evaluation oracle): a method with a segmenter (DHR) and that source."""
+        return self.segmentation["source"] == "ground_truth" and \
+            callable(getattr(getattr(self.refiner, "segmenter", None), "given_ood_mask", None))
+
+    def invert(self, images: Tensor, ood_mask: Optional[Tensor] = None) -> Dict[str, Any]:
         """Invert (and refine) images (B, 3, S, S) in [-1, 1] with ``method``; needs autograd enabled. Returns
         {"output" (B, 3, S, S), "codes" (B, L, D), "taps", "ood_mask" (B, 1, S, S) 1 = OOD or None, "state"
-        RefineState or None, "segmentation" dict}."""
+        RefineState or None, "segmentation" dict}.
+
+        ``ood_mask`` (B, 1, S, S), 1 = OOD: the ground truth, used only by the oracle source
+        (``model.segmentation.source=ground_truth``; ValueError naming it when the mask is None)."""
+        if not self.uses_ground_truth:
+            codes, taps = self.encode(images)
+            return self.refiner.invert(images, codes, taps)
+        if ood_mask is None:
+            raise ValueError(ground_truth_missing("the batch has no ground-truth OOD mask ('ood_mask')"))
         codes, taps = self.encode(images)
-        return self.refiner.invert(images, codes, taps)
+        with self.refiner.segmenter.given_ood_mask(ood_mask.to(images.device)):
+            return self.refiner.invert(images, codes, taps)
 
     def render_edit(self, result: Mapping[str, Any], images: Tensor, edited: Tensor) -> Tensor:
         """Decode edited codes (B, L, D) the way ``method`` decodes (``Method.render``)."""
@@ -128,7 +145,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
             gt = batch.get("ood_mask") if isinstance(batch, Mapping) else None
             gt = gt.clone() if gt is not None else None
             start = time.perf_counter()
-            result = self.invert(x)
+            result = self.invert(x, gt)
             seconds = (time.perf_counter() - start) / x.shape[0]
             self._score(batch, batch_idx, x, gt, result, seconds)
 
@@ -156,8 +173,9 @@ class RefineModule(FrozenStage1, pl.LightningModule):
             if not out["names"]:
                 return out
             x = x[finite]
+            gt = self._predict_ground_truth(batch, [todo[i] for i in torch.nonzero(finite).flatten().tolist()], x)
             start = time.perf_counter()
-            result = self.invert(x)
+            result = self.invert(x, gt)
             seconds = (time.perf_counter() - start) / x.shape[0]
             edits = {k: self.render_edit(result, x, c) for k, c in edited_codes(self.edits, result["codes"]).items()}
         state: Optional[RefineState] = result["state"]
@@ -169,11 +187,35 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         out["extra"].update(seconds=seconds, encoder_checkpoint=self.encoder_checkpoint)
         return {**out, "images": x, "result": result, "edits": edits, "states": states}
 
+    def on_predict_start(self) -> None:
+        """The oracle source in ``mode=invert`` needs ``masks=DIR``: refused before any image."""
+        if self.uses_ground_truth and (self.writer is None or not self.writer.masks_dir):
+            raise ValueError(ground_truth_missing("mode=invert was given no ground-truth masks (masks=DIR)"))
+
     def configure_callbacks(self):
         """``mode=invert``: the module's ``InversionWriter`` (a ``BasePredictionWriter``) writes the results."""
         return [self.writer] if self.writer is not None else []
 
     # ------------------------------------------------------------------ internals
+    def _predict_ground_truth(self, batch, rows: Sequence[int], x: Tensor) -> Optional[Tensor]:
+        """``mode=invert``, oracle source only: the OOD masks (B, 1, S, S) of batch rows ``rows``, from the batch's
+        ``ood_mask`` or else ``masks=DIR`` (``<name>.png``, white = OOD); None for other sources."""
+        if not self.uses_ground_truth:
+            return None
+        if isinstance(batch, Mapping) and batch.get("ood_mask") is not None:
+            return batch["ood_mask"][list(rows)].to(x.device)
+        masks_dir = self.writer.masks_dir if self.writer is not None else None
+        masks = []
+        for i in rows:
+            name = batch["name"][i]
+            mask = read_ground_truth_mask(masks_dir, name, tuple(x.shape[-2:]), "cannot be segmented") \
+                if masks_dir else None
+            if mask is None:
+                raise ValueError(ground_truth_missing(f"masks={masks_dir} has no readable mask {name}.png for the "
+                                                      f"image {name!r}"))
+            masks.append(mask)
+        return torch.cat(masks).to(x.device)
+
     def _score(self, batch, batch_idx: int, x: Tensor, gt: Optional[Tensor], result: Mapping[str, Any],
                seconds: float) -> None:
         names = list(batch["name"]) if isinstance(batch, Mapping) and "name" in batch else \

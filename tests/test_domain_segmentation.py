@@ -169,7 +169,7 @@ def test_align_mask_in_domain_flips_polarity():
 def test_combine_sources_truth_table_and_errors():
     e = torch.tensor([0.0, 0.0, 1.0, 1.0]).view(1, 1, 1, 4)
     a = torch.tensor([0.0, 1.0, 0.0, 1.0]).view(1, 1, 1, 4)
-    assert SEGMENTATION_SOURCES == ("error_superpixels", "align_mask", "both")
+    assert SEGMENTATION_SOURCES == ("error_superpixels", "align_mask", "both", "ground_truth")
     assert combine_sources("error_superpixels", error_in=e, align_in=a)[0, 0, 0].tolist() == [0, 0, 1, 1]
     assert combine_sources("align_mask", error_in=e, align_in=a)[0, 0, 0].tolist() == [0, 1, 0, 1]
     assert combine_sources("both", error_in=e, align_in=a)[0, 0, 0].tolist() == [0, 0, 0, 1]

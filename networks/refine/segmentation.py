@@ -36,7 +36,8 @@ DHR_THRESHOLDS = {2: 0.7, **{c: 0.8 for c in range(4, 14)}}
 DHR_DEFAULT_THRESHOLD = 0.6
 DHR_OOD_CLASSES = (0, 3, 16, 17, 18)
 
-SEGMENTATION_SOURCES = ("error_superpixels", "align_mask", "both")
+# ground_truth: the oracle, the data's own OOD mask (evaluation only; the caller passes it, see ``combine_sources``)
+SEGMENTATION_SOURCES = ("error_superpixels", "align_mask", "both", "ground_truth")
 ERROR_SCORINGS = ("official_per_layer", "upsampled_sum")
 SLIC_INPUTS = ("bgr_uint8", "rgb_float")
 
@@ -321,23 +322,35 @@ def align_mask_in_domain(align_mask: torch.Tensor, threshold: float = 0.5) -> to
     return 1.0 - (align_mask.detach() >= threshold).float()
 
 
+def ground_truth_in_domain(ood_mask: torch.Tensor) -> torch.Tensor:
+    """The oracle in-domain mask: 1 - the ground-truth OOD mask (1 = OOD), binarised at 0.5.
+
+    Args:
+        ood_mask: (B, 1, H, W) in [0, 1], 1 = out of domain (e.g. a SynthFaces batch's ``ood_mask``).
+    Returns:
+        (B, 1, H, W) float in {0, 1}, 1 = in domain (equal to ``1 - ood_mask`` for a binary mask).
+    """
+    _check_map("ground_truth_in_domain: ood_mask", ood_mask)
+    return 1.0 - (ood_mask.detach().float() >= 0.5).float()
+
+
 def combine_sources(source: str, error_in: Optional[torch.Tensor] = None,
-                    align_in: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    align_in: Optional[torch.Tensor] = None, truth_in: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pick / combine in-domain masks by source name.
 
     Args:
         source: one of ``SEGMENTATION_SOURCES``: "error_superpixels" (``error_in``), "align_mask"
-            (``align_in``) or "both" (logical AND: in domain only where both say so; for soft masks the
-            elementwise minimum).
-        error_in, align_in: (B, 1, H, W) in-domain masks (1 = in domain).
+            (``align_in``), "both" (logical AND: in domain only where both say so; for soft masks the
+            elementwise minimum) or "ground_truth" (``truth_in``, the oracle: ``ground_truth_in_domain``).
+        error_in, align_in, truth_in: (B, 1, H, W) in-domain masks (1 = in domain).
     Returns:
         (B, 1, H, W) float in-domain mask.
     """
     if source not in SEGMENTATION_SOURCES:
         raise ValueError(f"unknown segmentation source {source!r}; valid sources: {', '.join(SEGMENTATION_SOURCES)}")
     needed = {"error_superpixels": ("error_in",), "align_mask": ("align_in",),
-              "both": ("error_in", "align_in")}[source]
-    given = {"error_in": error_in, "align_in": align_in}
+              "both": ("error_in", "align_in"), "ground_truth": ("truth_in",)}[source]
+    given = {"error_in": error_in, "align_in": align_in, "truth_in": truth_in}
     missing = [n for n in needed if given[n] is None]
     if missing:
         raise ValueError(f"segmentation source {source!r} needs {' and '.join(missing)} "
@@ -348,6 +361,8 @@ def combine_sources(source: str, error_in: Optional[torch.Tensor] = None,
         return error_in.float()
     if source == "align_mask":
         return align_in.float()
+    if source == "ground_truth":
+        return truth_in.float()
     if error_in.shape != align_in.shape:
         raise ValueError(f"combine_sources('both'): error_in {tuple(error_in.shape)} and align_in "
                          f"{tuple(align_in.shape)} must have the same shape")

@@ -5,23 +5,36 @@ stage-3 LightningModule and ``experiments/calibrate_segmentation.py`` both call 
 ``networks.refine.segmentation``; the coarse inversion is ``networks.refine.projection.project``.
 
 Settings (``settings``, a mapping with the keys of ``model.segmentation``): ``source`` (error_superpixels |
-align_mask | both), ``coarse`` {steps, lr, resolution, clamp, error_image, start, noise_std, target_resize},
-``error_scoring``, ``superpixels`` {n_segments, compactness, sigma}, ``slic_input``, ``thresholds`` {class name: threshold}, ``default_threshold``,
-``ood_classes``, ``align_threshold``.
+align_mask | both | ground_truth), ``coarse`` {steps, lr, resolution, clamp, error_image, start, noise_std,
+target_resize}, ``error_scoring``, ``superpixels`` {n_segments, compactness, sigma}, ``slic_input``, ``thresholds``
+{class name: threshold}, ``default_threshold``, ``ood_classes``, ``align_threshold``.
+
+``source: ground_truth`` is the oracle for evaluation: the in-domain mask is 1 - the data's ground-truth OOD mask,
+which the caller hands over for one batch with ``with segmenter.given_ood_mask(mask): ...``; without it the
+segmenter raises ``ValueError(ground_truth_missing(...))``.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
 
 from networks.refine.projection import project
-from networks.refine.segmentation import (align_mask_in_domain, combine_sources, region_error, region_score_mask,
-                                          superpixels, upsampled_error)
+from networks.refine.segmentation import (align_mask_in_domain, combine_sources, ground_truth_in_domain,
+                                          region_error, region_score_mask, superpixels, upsampled_error)
 
 Tensor = torch.Tensor
+
+
+def ground_truth_missing(detail: str) -> str:
+    """The one message of the oracle source without a ground-truth mask (``detail``: what was missing where)."""
+    return (f"model.segmentation.source=ground_truth is the evaluation oracle: it takes each image's ground-truth OOD "
+            f"mask as the segmentation, but {detail}. Use it with mode=evaluate on data with OOD masks (SynthFaces "
+            f"batches carry 'ood_mask') or with mode=invert masks=DIR; otherwise choose another source "
+            f"(error_superpixels | align_mask | both)")
 
 
 class LayerPerceptual(Protocol):
@@ -51,16 +64,17 @@ def load_parser(kind: str, path: str, classes: Optional[list], wanted: set) -> T
 
 
 class DomainSegmenter(nn.Module):
-    """In-domain masks of images by the official DSS (error superpixels), the stage-2 mask, or both.
+    """In-domain masks of images by the official DSS (error superpixels), the stage-2 mask, both, or the ground truth
+    (the evaluation oracle; see ``given_ood_mask``).
 
     Args:
         generator: the frozen generator (the coarse W projection runs through it).
         latent_avg: (L, D) or (D,) average latent (the projection starts from its first row).
         settings: ``model.segmentation`` (see the module docstring).
-        perceptual: the DSS net (coarse inversion loss and error maps); needed unless source is align_mask.
+        perceptual: the DSS net (coarse inversion loss and error maps); needed by error_superpixels and both.
         parser: face parser (``probabilities(images)`` (B, K, S, S)) or None (every region: the default threshold).
         class_ids: {class name: parser channel}.
-        align_net: the stage-2 ``AlignMaskNet``; needed unless source is error_superpixels.
+        align_net: the stage-2 ``AlignMaskNet``; needed by align_mask and both.
         seed: seed of the coarse projection (image b of a batch uses seed + b).
     """
 
@@ -74,10 +88,21 @@ class DomainSegmenter(nn.Module):
         self.register_buffer("latent_avg", latent_avg.reshape(-1, latent_avg.shape[-1]), persistent=False)
         self.perceptual, self.parser, self.align_net = perceptual, parser, align_net
         self.class_ids = dict(class_ids or {})
-        if self.source != "align_mask" and perceptual is None:
+        self._ood_mask: Optional[Tensor] = None  # the oracle's mask of the current batch (given_ood_mask)
+        if self.source in ("error_superpixels", "both") and perceptual is None:
             raise ValueError(f"DomainSegmenter: source {self.source!r} needs a perceptual net for its error maps")
-        if self.source != "error_superpixels" and align_net is None:
+        if self.source in ("align_mask", "both") and align_net is None:
             raise ValueError(f"DomainSegmenter: source {self.source!r} needs the stage-2 align_net")
+
+    @contextmanager
+    def given_ood_mask(self, ood_mask: Optional[Tensor]) -> Iterator["DomainSegmenter"]:
+        """Within the block, ``source: ground_truth`` segments with ``ood_mask`` (B, 1, S, S), 1 = OOD (the batch's
+        ground truth; None = no mask: segmenting raises). Other sources ignore it."""
+        previous, self._ood_mask = self._ood_mask, ood_mask
+        try:
+            yield self
+        finally:
+            self._ood_mask = previous
 
     def error_maps(self, images: Tensor) -> List[Tensor]:
         """The DSS error cue of images (B, 3, S, S): per-layer perceptual maps [(B, 1, h_l, w_l)] between a coarse
@@ -117,9 +142,21 @@ class DomainSegmenter(nn.Module):
         """Segment images (B, 3, S, S) in [-1, 1] with their W+ codes (B, L, D) and encoder taps.
 
         Returns {"in_domain" (B, 1, S, S) in {0, 1}, plus the cues used: "error_map" (B, 1, S, S),
-        "error_in_domain" (B, 1, S, S), "align_mask" (B, 1, S, S) 1 = OOD}.
+        "error_in_domain" (B, 1, S, S), "align_mask" (B, 1, S, S) 1 = OOD, "ground_truth" (B, 1, S, S) 1 = OOD}.
         """
         out: Dict[str, Tensor] = {}
+        if self.source == "ground_truth":
+            gt = self._ood_mask
+            if gt is None:
+                raise ValueError(ground_truth_missing("no ground-truth OOD mask was given for this batch"))
+            if gt.ndim != 4 or gt.shape[0] != images.shape[0] or gt.shape[1] != 1 or \
+                    gt.shape[-2:] != images.shape[-2:]:
+                raise ValueError(f"model.segmentation.source=ground_truth: the ground-truth OOD mask "
+                                 f"{tuple(gt.shape)} does not fit the images {tuple(images.shape)} (need (B, 1, H, W))")
+            gt = gt.to(images.device)
+            out["ground_truth"] = gt
+            out["in_domain"] = combine_sources(self.source, truth_in=ground_truth_in_domain(gt))
+            return out
         error_in = align_in = None
         if self.source != "align_mask":
             maps = self.error_maps(images)
