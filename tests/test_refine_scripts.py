@@ -54,8 +54,9 @@ def test_benchmark_report_runs_every_method_on_the_same_images(files, tmp_path, 
                    f"model.edits.0.path={files['direction']}"])
     lines = (out / "benchmark.md").read_text().splitlines()
     assert lines[2].startswith("| method | PSNR | SSIM | MSE | PSNR in OOD")
-    assert [ln.split(" | ")[0] for ln in lines[4:]] == ["| e4e", "| pti", "| feature_only", "| ood_blend", "| dhr"]
+    assert [ln.split(" | ")[0] for ln in lines[4:9]] == ["| e4e", "| pti", "| feature_only", "| ood_blend", "| dhr"]
+    assert lines[9:11] == ["", "## Per corruption family"]
     assert set(result["means"]) == {"e4e", "pti", "feature_only", "ood_blend", "dhr"}
     assert all(len((out / f"{m}.csv").read_text().strip().splitlines()) == 5 for m in result["means"])
-    assert [p.name for p in result["plots"]] == ["quality_vs_time.png", "iou_by_family.png"]
+    assert [p.name for p in result["plots"]] == ["quality_vs_time.png", "iou_by_family.png", "by_family.png"]
     assert all(p.stat().st_size > 1000 for p in result["plots"])
