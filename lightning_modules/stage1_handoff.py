@@ -11,9 +11,17 @@ from networks.encoders import resize_to_encoder
 Tensor = torch.Tensor
 
 
+ENCODER_RESIZES = ("antialiased", "bilinear")
+
+
 class FrozenStage1:
     """Mixin for LightningModules: ``load_stage1(path)`` sets ``encoder``, ``generator`` (frozen, eval) and the
-    ``latent_avg`` buffer (n_styles, D) from an e4e-layout file; ``encode(images)`` gives codes and taps."""
+    ``latent_avg`` buffer (n_styles, D) from an e4e-layout file; ``encode(images)`` gives codes and taps.
+
+    ``encoder_resize`` (class default "antialiased", as e4e's PIL-resized inputs) says how images of another size
+    reach the encoder: "bilinear" is OOD-GAN-inversion's plain ``F.interpolate`` of the 1024 px input."""
+
+    encoder_resize = "antialiased"
 
     def load_stage1(self, path) -> None:
         """Read the stage-1 hand-off ``path`` (``encoder_checkpoint`` keeps its string for errors and meta)."""
@@ -27,6 +35,7 @@ class FrozenStage1:
     @torch.no_grad()
     def encode(self, images: Tensor):
         """Images (B, 3, S, S) -> (W+ codes (B, L, D) with latent_avg, encoder taps {"f0".."f4"})."""
-        x = resize_to_encoder(images, int(self.encoder.config["input_size"]))
+        x = resize_to_encoder(images, int(self.encoder.config["input_size"]),
+                              antialias=self.encoder_resize == "antialiased")
         codes, taps = self.encoder.forward_features(x)
         return codes + self.latent_avg.unsqueeze(0), taps

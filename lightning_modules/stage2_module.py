@@ -42,7 +42,7 @@ from lightning_modules.metrics import MetricTable, image_metrics, loader_size, m
 from lightning_modules.perceptual import LPIPSLoss
 from lightning_modules.vgg_perceptual import VGGPerceptualLoss
 from lightning_modules.plain import to_plain
-from lightning_modules.stage1_handoff import FrozenStage1
+from lightning_modules.stage1_handoff import ENCODER_RESIZES, FrozenStage1
 from lightning_modules.stage1_module import batch_images
 from lightning_modules.steps import uncounted_step
 from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
@@ -71,6 +71,9 @@ def resolve_milestones(spec, n_levels: int) -> List[int]:
     return [int(m) for m in spec]
 
 
+# "separate": the official discriminator step runs its own forward of the module; "shared": one forward serves both
+DISCRIMINATOR_FORWARDS = ("separate", "shared")
+
 class AlignMaskModule(FrozenStage1, pl.LightningModule):
     """Trains the alignment + mask levels on top of a frozen stage-1 encoder and generator.
 
@@ -91,8 +94,13 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         lr, betas: Adam of the trainable network and of the discriminator (official 2e-5, (0, 0.99)).
         lr_schedule: null (constant) or {step, gamma}: both learning rates times gamma every ``step`` training steps
             (official {15000, 0.75}, BasicSR ``MultiStepLR``).
-        train_randomize_noise: fresh generator noise in every training forward (official); false = the stored maps
-            used at test.
+        train_randomize_noise: fresh generator noise in every training forward (official); false = the stored maps.
+        inference_noise: generator noise at validation / test and in the hand-off (``AlignMaskNet``): "random"
+            (official: outputs vary from run to run) or "stored" (ours: reproducible metrics).
+        discriminator_forward: "separate" (official: the discriminator step scores its own forward of the module,
+            with its own noise) or "shared" (ours: the one forward of the step serves both; half the synthesis cost).
+        encoder_resize: how inputs reach the encoder's size: "bilinear" (official: plain ``F.interpolate``) or
+            "antialiased" (ours, as stage 1: no aliasing when 1024 px inputs shrink to 256).
         pixel, perceptual, style, identity_weight, adversarial, binarization, area: loss weights (official 1, 1,
             50, 0.1, 0.5, 0.2 = 5 masks x 0.04, 5). With ``perceptual_kind: lpips`` the style (Gram) loss runs only
             with real LPIPS backbone weights: Gram matrices of a random backbone mean nothing.
@@ -127,7 +135,8 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
                  train_patches: Optional[dict] = None, edit: Optional[dict] = None, patch_supervision: float = 0.0,
                  warp_grid: str = "linspace", gate_interpolation: str = "bicubic", lr_schedule: Optional[dict] = None,
                  train_randomize_noise: bool = False, adversarial_grad: bool = True, perceptual_kind: str = "lpips",
-                 vgg: Optional[dict] = None):
+                 vgg: Optional[dict] = None, inference_noise: str = "random", discriminator_forward: str = "separate",
+                 encoder_resize: str = "bilinear"):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -135,6 +144,11 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
             raise ValueError("model.encoder_checkpoint is required: the stage-1 hand-off encoder.pt (or an official "
                              "e4e_ffhq_encode.pt)")
         self.load_stage1(encoder_checkpoint)
+        for key, value, valid in (("discriminator_forward", discriminator_forward, DISCRIMINATOR_FORWARDS),
+                                  ("encoder_resize", encoder_resize, ENCODER_RESIZES)):
+            if value not in valid:
+                raise ValueError(f"AlignMaskModule: model.{key}={value!r}; choose one of {', '.join(valid)}")
+        self.encoder_resize = encoder_resize
         if generator_checkpoint:
             self._check_same_generator(Path(generator_checkpoint).expanduser())
 
@@ -144,7 +158,7 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         self.net = AlignMaskNet(dict(self.generator.channels), dict(self.encoder.feature_channels), self.level_list,
                                 enc_size, warp_scale=warp_scale, cycles=cycles, blur_padding=blur_padding,
                                 alpha_init=alpha_init, error_cue=error_cue, warp_grid=warp_grid,
-                                gate_interpolation=gate_interpolation)
+                                gate_interpolation=gate_interpolation, inference_noise=inference_noise)
         self.net_ema = copy.deepcopy(self.net).requires_grad_(False)
         milestones = resolve_milestones(level_milestones, len(self.level_list))
         if len(milestones) != len(self.level_list) or milestones != sorted(milestones) or milestones[0] != 0:
@@ -240,12 +254,20 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
         codes, taps = self.encode(x)
-        noise = [None] * self.generator.num_layers if self.hparams.train_randomize_noise else None
-        out = self.net(self.generator, codes, taps, x, active_levels=active, noise=noise)
+        def training_noise():
+            return ([None] * self.generator.num_layers if self.hparams.train_randomize_noise
+                    else self.generator.stored_noise())
+
+        out = self.net(self.generator, codes, taps, x, active_levels=active, noise=training_noise())
         logs: Dict[str, Tensor] = {}
         if self.discriminator is not None:
+            if self.hparams.discriminator_forward == "separate":  # official: D's step runs the module again
+                with torch.no_grad():
+                    fake = self.net(self.generator, codes, taps, x, active_levels=active, noise=training_noise()).output
+            else:
+                fake = out.output.detach()
             self.toggle_optimizer(opts[1])
-            loss_d = d_logistic_loss(self.discriminator(x), self.discriminator(out.output.detach()))
+            loss_d = d_logistic_loss(self.discriminator(x), self.discriminator(fake))
             opts[1].zero_grad(set_to_none=True)
             self.manual_backward(loss_d)
             uncounted_step(self, opts[1])

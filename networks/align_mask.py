@@ -19,8 +19,11 @@ trained for the official function and must run with it):
   an exact identity);
 - ``gate_interpolation``: how the coarser level's alpha is resized before it gates a finer level: "bicubic" (official,
   align_corners=True) or "bilinear" (ours, align_corners=False; the same resampling as the mask fusion).
+``inference_noise``: the generator noise of a forward that is given none: "random" (official: the generator draws
+fresh noise maps, so outputs vary from run to run) or "stored" (ours: G's stored noise buffers, reproducible).
 Files written before these options existed (the shipped SynthFaces hand-off) were trained with the "replicate",
-"identity", "bilinear" variants; ``load_align_mask`` runs them with those (``LEGACY_MATHS``).
+"identity", "bilinear" variants and evaluated with the stored noise; ``load_align_mask`` runs them so
+(``LEGACY_MATHS``).
 
 Other differences from the official implementation (engineering, no maths change):
 - features are replaced through ``Generator.synthesize(edits=...)`` instead of hijacking NoiseInjection (the
@@ -50,10 +53,13 @@ TAP_STRIDES = {"f0": 1, "f1": 2, "f2": 4, "f3": 8, "f4": 16}
 BLUR_PADDINGS = ("zeros", "replicate")
 WARP_GRIDS = ("linspace", "identity")
 GATE_INTERPOLATIONS = ("bicubic", "bilinear")
+INFERENCE_NOISES = ("random", "stored")
 # the published function (defaults of every constructor here)
-OFFICIAL_MATHS = {"blur_padding": "zeros", "warp_grid": "linspace", "gate_interpolation": "bicubic"}
+OFFICIAL_MATHS = {"blur_padding": "zeros", "warp_grid": "linspace", "gate_interpolation": "bicubic",
+                  "inference_noise": "random"}
 # what hand-offs written before these options existed were trained with (the shipped SynthFaces align_mask.pt)
-LEGACY_MATHS = {"blur_padding": "replicate", "warp_grid": "identity", "gate_interpolation": "bilinear"}
+LEGACY_MATHS = {"blur_padding": "replicate", "warp_grid": "identity", "gate_interpolation": "bilinear",
+                "inference_noise": "stored"}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -360,6 +366,7 @@ class AlignMaskNet(nn.Module):
         blur_padding, warp_grid, gate_interpolation: the three resampling choices (module docstring); official
             "zeros", "linspace", "bicubic" by default, ours "replicate", "identity", "bilinear". Saved in ``config``,
             so a hand-off runs with the function it was trained with.
+        inference_noise: the noise of a forward given none: "random" (official) or "stored" (module docstring).
         alpha_init: starting alpha logit (an initialisation only); error_cue: see ``forward``.
 
     Attributes: ``levels`` (ModuleDict keyed by str(r)), ``taps`` {r: tap name}, ``config`` (ctor kwargs,
@@ -369,8 +376,10 @@ class AlignMaskNet(nn.Module):
     def __init__(self, generator_channels: Mapping, tap_channels: Mapping[str, int], levels: Sequence[int],
                  encoder_input_size: int, warp_scale: float = 0.08, cycles: int = 2, bias: bool = False,
                  blur_padding: str = "zeros", alpha_init: float = 0.0, error_cue: bool = False,
-                 warp_grid: str = "linspace", gate_interpolation: str = "bicubic"):
+                 warp_grid: str = "linspace", gate_interpolation: str = "bicubic", inference_noise: str = "random"):
         super().__init__()
+        _check_choice("AlignMaskNet", "inference_noise", inference_noise, INFERENCE_NOISES)
+        self.inference_noise = inference_noise
         gen_ch = {int(k): int(v) for k, v in dict(generator_channels).items()}
         tap_ch = {str(k): int(v) for k, v in dict(tap_channels).items()}
         levels = [int(r) for r in levels]
@@ -391,7 +400,7 @@ class AlignMaskNet(nn.Module):
                            encoder_input_size=int(encoder_input_size), warp_scale=float(warp_scale),
                            cycles=int(cycles), bias=bool(bias), blur_padding=str(blur_padding),
                            alpha_init=float(alpha_init), error_cue=bool(error_cue), warp_grid=str(warp_grid),
-                           gate_interpolation=str(gate_interpolation))
+                           gate_interpolation=str(gate_interpolation), inference_noise=str(inference_noise))
         self.error_cue = bool(error_cue)
         self.levels = nn.ModuleDict({
             str(r): AlignMaskLevel(gen_ch[r], tap_ch[self.taps[r]], warp_scale, cycles, bias, blur_padding, alpha_init,
@@ -428,8 +437,8 @@ class AlignMaskNet(nn.Module):
 
         taps: encoder features {"f0".."f4": (B, C, h, w)}; image: input x (B, 3, S, S), S = G.size
         (detached before blending, as in the official code). active_levels: a prefix of ``levels``
-        (progressive activation); None = all. noise: passed to ``G.synthesize`` (None = G's stored noise
-        buffers; pass ``G.make_noise()``-style maps for random noise). Levels run coarse to fine inside the
+        (progressive activation); None = all. noise: passed to ``G.synthesize``; None = this net's
+        ``inference_noise`` (G's stored buffers, or fresh random maps). Levels run coarse to fine inside the
         synthesis pass, each gated by the previous level's alpha. With no active level the output is the
         plain G output (mask 0).
 
@@ -440,6 +449,8 @@ class AlignMaskNet(nn.Module):
         """
         active = self._active(active_levels)
         self._check_generator(G, active)
+        if noise is None:
+            noise = G.stored_noise() if self.inference_noise == "stored" else [None] * G.num_layers
         if image.ndim != 4 or image.shape[-1] != G.size or image.shape[-2] != G.size:
             raise ValueError(f"AlignMaskNet: image must be (B, 3, {G.size}, {G.size}) for this generator, "
                              f"got {tuple(image.shape)}")

@@ -203,6 +203,8 @@ def test_run_py_ood_blend_trains_evaluates_and_reports(compose_cfg, stage1_file,
 def test_synthfaces_experiment_states_our_resampling_variants_and_the_method_defaults_are_official(compose_cfg):
     model = compose_cfg(["+exp=ood_blend"]).model
     assert (model.blur_padding, model.warp_grid, model.gate_interpolation) == ("replicate", "identity", "bilinear")
+    assert (model.inference_noise, model.discriminator_forward, model.encoder_resize) == ("stored", "shared",
+                                                                                          "antialiased")
     model = compose_cfg(["model=ood_blend"]).model  # the method's config without the experiment
     assert (model.blur_padding, model.warp_grid, model.gate_interpolation) == ("zeros", "linspace", "bicubic")
 
@@ -222,6 +224,7 @@ def test_official_recipe_composes_and_trains_on_a_tiny_model(compose_cfg, stage1
     assert m.train_randomize_noise and not m.adversarial_grad and m.perceptual_kind == "vgg19"
     assert (m.perceptual, m.style, m.identity_weight, m.identity.crop, m.lr) == (1.0, 50.0, 0.1, "scaled", 2e-5)
     assert (m.blur_padding, m.warp_grid, m.gate_interpolation) == ("zeros", "linspace", "bicubic")
+    assert (m.inference_noise, m.discriminator_forward, m.encoder_resize) == ("random", "separate", "bilinear")
     assert (cfg.generator.size, cfg.data.batch_size) == (1024, 2)
     # required weight paths: a run without them stops naming the key
     with pytest.raises(InstantiationException, match="model.encoder_checkpoint is required"):
@@ -279,3 +282,48 @@ def test_level_milestones_official_mapping_and_lr_schedule_checks(stage1_file):
         make_module(stage1_file, lr_schedule={"step": 0, "gamma": 0.5})
     with pytest.raises(ValueError, match="perceptual_kind"):
         make_module(stage1_file, perceptual_kind="alex")
+
+
+def test_official_and_our_noise_discriminator_and_encoder_resize_options(stage1_file, tmp_path):
+    """discriminator_forward: "separate" (official) runs the module a second time for D's step, "shared" (ours) once;
+    inference_noise: "random" (official) draws fresh maps at test, "stored" (ours) is reproducible and reaches the
+    hand-off; encoder_resize: "bilinear" (official) vs "antialiased" (ours) on inputs of another size."""
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    calls = {}
+    for forward in ("separate", "shared"):
+        module = make_module(stage1_file, discriminator_forward=forward, level_milestones=None)
+        count = []
+        synthesize = module.generator.synthesize
+        module.generator.synthesize = lambda *a, **k: (count.append(1), synthesize(*a, **k))[1]
+        trainer(tmp_path / forward, 3, limit_val_batches=0).fit(module, DataLoader(TensorDataset(x), batch_size=2))
+        calls[forward] = len(count)
+    assert calls == {"separate": 6, "shared": 3}
+
+    for noise, same in (("random", False), ("stored", True)):
+        module = make_module(stage1_file, inference_noise=noise)
+        with torch.no_grad():
+            for name, p in module.generator.named_parameters():  # the tiny G's noise strengths start at 0
+                if "noise" in name:
+                    p.fill_(0.5)
+            a, b = module.run(x).generated, module.run(x).generated
+        assert torch.equal(a, b) is same
+        path = module.export_handoff(tmp_path / noise)
+        assert load_align_mask(path)[0].inference_noise == noise
+
+    big = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    encoded = {}
+    for resize in ("bilinear", "antialiased"):
+        module = make_module(stage1_file, encoder_resize=resize)
+        size = int(module.encoder.config["input_size"])
+        with pytest.warns(UserWarning, match="resizing images"):
+            codes, _ = module.encode(big)
+        want, _ = module.encoder.forward_features(F.interpolate(big, size=(size, size), mode="bilinear",
+                                                                align_corners=False, antialias=resize != "bilinear"))
+        torch.testing.assert_close(codes, want + module.latent_avg.unsqueeze(0))
+        encoded[resize] = codes
+    assert not torch.allclose(encoded["bilinear"], encoded["antialiased"])
+    for key, value in (("discriminator_forward", "twice"), ("encoder_resize", "bicubic")):
+        with pytest.raises(ValueError, match=f"model.{key}='{value}'"):
+            make_module(stage1_file, **{key: value})
+    with pytest.raises(ValueError, match="inference_noise"):
+        make_module(stage1_file, inference_noise="fixed")

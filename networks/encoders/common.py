@@ -173,10 +173,11 @@ class PyramidEncoder(nn.Module):
 
 
 def resize_to_encoder(x: torch.Tensor, size: int, *, allow_resize: bool = True,
-                      key: str = "model.encoder.input_size") -> torch.Tensor:
+                      key: str = "model.encoder.input_size", antialias: bool = True) -> torch.Tensor:
     """Return images (B, C, H, W) at (B, C, size, size): unchanged when already that size, else resized.
 
-    Resizing is bilinear with antialiasing and warns (``warnings.warn``, once per call site under Python's
+    Resizing is bilinear, with antialiasing unless ``antialias`` is false (OOD-GAN-inversion's plain
+    ``F.interpolate(x, (256, 256), mode="bilinear")``), and warns (``warnings.warn``, once per call site under Python's
     default filter) that sizes differ.
     Raises:
         ValueError: sizes differ and ``allow_resize`` is false; the message names ``key``.
@@ -191,4 +192,4 @@ def resize_to_encoder(x: torch.Tensor, size: int, *, allow_resize: bool = True,
                          f"set {key} to the image size or allow resizing")
     warnings.warn(f"resizing images from {tuple(x.shape[-2:])} to the encoder's {size}x{size} ({key}={size})",
                   stacklevel=2)
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
