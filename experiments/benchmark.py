@@ -19,6 +19,12 @@ on the first ``--n`` OOD-corrupted test twins. Writes to ``--out``:
 
     python experiments/benchmark.py --n 32 --oracle --out experiments/assets/benchmark
     python experiments/benchmark.py --methods e4e,dhr -- model.refine.feature_steps=50   # extra config overrides
+    python experiments/benchmark.py --wandb      # also one W&B run per method, all in one group (offline by default)
+
+``--wandb``: each method is its own W&B run (``<out>/runs/<method>/wandb``) in one group (``--wandb-group``, default
+``benchmark-<time>``), named and tagged by experiment, method, data and generator, with run.py's per-image table
+(pictures included), ``test/*`` and ``test_mean/*`` summary keys, and the resolved config plus the hand-offs'
+provenance in the run config (``experiments/utils/wandb_run.py``).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import csv
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence
 
@@ -70,7 +77,7 @@ def compose(overrides: List[str]):
         return hydra_compose("config", overrides=overrides)
 
 
-def run_method(method: str, n: int, batch: int, out: Path, extra: List[str]):
+def run_method(method: str, n: int, batch: int, out: Path, extra: List[str], wandb_group: str | None = None):
     """Test ``method`` (a ``METHODS`` name or a ``PSEUDO_METHODS`` one) on the first ``n`` test images; returns
     (MetricTable, names -> family)."""
     import hydra
@@ -82,11 +89,19 @@ def run_method(method: str, n: int, batch: int, out: Path, extra: List[str]):
     pl.seed_everything(int(cfg.seed), verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
-    trainer = pl.Trainer(accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1, logger=False,
+    logger, callbacks = False, []
+    if wandb_group:  # one W&B run per method (see the module docstring)
+        from experiments.utils.wandb_run import benchmark_wandb
+
+        logger, callbacks = benchmark_wandb(cfg, method, wandb_group, out / "runs" / method)
+    trainer = pl.Trainer(accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1, logger=logger,
+                         callbacks=callbacks,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          inference_mode=False, limit_test_batches=max(1, -(-n // batch)),
                          default_root_dir=str(out / "runs" / method))
     trainer.test(model, datamodule=datamodule, verbose=False)
+    if logger:
+        logger.experiment.finish()
     data = datamodule.test_dataloader().dataset
     families = {data[i]["name"]: data[i]["family"] for i in range(min(len(data), n))}
     return model.test_table, families
@@ -234,6 +249,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--n", type=int, default=32, help="test images (the first n OOD twins)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmark"))
+    parser.add_argument("--wandb", action="store_true", help="also log one W&B run per method, in one group")
+    parser.add_argument("--wandb-group", default=None, help="the W&B group (default benchmark-<time>)")
     parser.add_argument("--oracle", action="store_true",
                         help=f"add the row {ORACLE}: DHR with the ground-truth OOD mask as its segmentation")
     args = parser.parse_args(argv)
@@ -246,9 +263,11 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    group = (args.wandb_group or time.strftime("benchmark-%Y-%m-%d_%H-%M-%S")) if args.wandb else None
+    os.environ.setdefault("WANDB_MODE", "offline")
     tables, families, means = {}, {}, {}
     for method in methods:
-        table, fam = run_method(method, args.n, args.batch, out, extra)
+        table, fam = run_method(method, args.n, args.batch, out, extra, wandb_group=group)
         rows = [r for r in table.rows if r["name"] in fam][: args.n]
         table.rows = rows
         tables[method], means[method] = table, table.mean()

@@ -39,6 +39,7 @@ _USER_WANDB_DIR = os.environ.get("WANDB_DIR")  # a user's explicit choice wins o
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from experiments.utils import (  # noqa: E402
@@ -60,6 +61,7 @@ from experiments.utils.distributed import RankFailureGuard  # noqa: E402
 from experiments.utils.inputs import (check_ckpt_path, check_int, check_invert_input,  # noqa: E402
                                       check_previous_metrics, check_settings, check_writable)
 from experiments.utils.run_lock import run_dir_lock  # noqa: E402
+from experiments.utils.wandb_run import apply_wandb_identity, handoff_provenance  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MODES = ("train", "evaluate", "invert")
@@ -100,6 +102,8 @@ def train(cfg: DictConfig) -> Path | None:
             if is_zero:
                 for rec in records:
                     log.info(f"Chain stage {rec.name}: {rec.source} {rec.path}")
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # the jobs of one multirun form one W&B group (the sweep dir)
+            apply_wandb_identity(cfg, group=Path(HydraConfig.get().sweep.dir).name)
         return run_stage(cfg, run_dir, command)
 
 
@@ -124,6 +128,7 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
     finish_wandb()  # a chain's earlier stage had its own W&B run
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
+    apply_wandb_identity(cfg)  # W&B run name and tags: experiment, method, data, generator
     OmegaConf.to_container(cfg, resolve=True)  # fail now on ??? values / bad interpolations, not mid-run
     is_zero = rank_zero_only.rank == 0
 
@@ -168,6 +173,8 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
         save_run_configs(cfg, run_dir, command)
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            if type(logger).__name__ == "WandbLogger":  # where each loaded hand-off came from, and what made it
+                logger.log_hyperparams({"handoff_provenance": handoff_provenance(cfg, run_dir)})
         if with_wandb:
             log_used_handoffs(cfg)
     if ckpt_path:

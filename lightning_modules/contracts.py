@@ -2,7 +2,7 @@
 ``isinstance`` instead of probing attributes one by one. A stage offers a contract by having its members."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Protocol, runtime_checkable
+from typing import Any, Dict, List, Optional, Protocol, TypedDict, runtime_checkable
 
 
 @runtime_checkable
@@ -37,3 +37,14 @@ class DrawsEditGrids(Protocol):
 
     edit_grid_request: Optional[Dict[str, Any]]
     edit_grid_batch: Optional[Dict[str, Dict[str, Any]]]
+
+
+class StepPictures(TypedDict):
+    """What a stage's ``validation_step`` / ``test_step`` returns for ``callbacks.wandb_tables.WandbMetricTable``:
+    the batch's image ``names``, its per-image ``metrics`` ({metric: (B,) tensor}) and ``pictures`` ({key: (B, C, H,
+    W)}: "input", "output" / "reconstruction", "edit", ... in [-1, 1]; "mask" (prediction) and "ood_mask" (ground
+    truth) in [0, 1], 1 = out of domain)."""
+
+    names: List[str]
+    metrics: Dict[str, Any]
+    pictures: Dict[str, Any]

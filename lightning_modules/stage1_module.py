@@ -213,14 +213,18 @@ class EncoderModule(pl.LightningModule):
         logs["train/progressive_stage"] = torch.tensor(float(self.stage))
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=x.shape[0])
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int) -> Dict[str, Any]:
+        """Score one batch; returns its names, metrics and pictures (``contracts.StepPictures``)."""
         x = self._check_images(batch_images(batch))
         y_hat = self(x)
         metrics = self._metrics(y_hat, x)
+        names = list(batch["name"]) if isinstance(batch, Mapping) and "name" in batch else \
+            [f"{batch_idx}_{i}" for i in range(x.shape[0])]
         self._val_table.add([f"{batch_idx}_{i}" for i in range(x.shape[0])], metrics)
         if batch_idx == 0:
             n = self.hparams.n_grid
             self.grid_batch = {"input": x[:n].detach(), "reconstruction": y_hat[:n].detach()}
+        return {"names": names, "metrics": metrics, "pictures": {"input": x, "reconstruction": y_hat}}
 
     def on_validation_epoch_start(self) -> None:
         self._val_table = MetricTable()
@@ -232,9 +236,10 @@ class EncoderModule(pl.LightningModule):
         if means:
             self.log_dict({f"val/{k}": float(v) for k, v in means.items()}, sync_dist=True)
 
-    def test_step(self, batch, batch_idx: int) -> None:
+    def test_step(self, batch, batch_idx: int) -> Dict[str, Any]:
         """Per-image metrics of the reconstruction against the input (whole image, and inside / outside the
-        ``ood_mask`` of SynthFaces evaluation batches), plus ``clean_*`` against the clean twin when present."""
+        ``ood_mask`` of SynthFaces evaluation batches), plus ``clean_*`` against the clean twin when present. Returns the
+        batch's names, metrics and pictures (``contracts.StepPictures``)."""
         x = self._check_images(batch_images(batch))
         mask = batch.get("ood_mask") if isinstance(batch, Mapping) else None
         y_hat = self(x)
@@ -245,6 +250,8 @@ class EncoderModule(pl.LightningModule):
         names = list(batch["name"]) if isinstance(batch, Mapping) and "name" in batch else \
             [f"{batch_idx}_{i}" for i in range(x.shape[0])]
         self.test_table.add(names, metrics)
+        pictures = {"input": x, "reconstruction": y_hat, **({"ood_mask": mask} if mask is not None else {})}
+        return {"names": names, "metrics": metrics, "pictures": pictures}
 
     def on_test_epoch_start(self) -> None:
         self.test_table = MetricTable()

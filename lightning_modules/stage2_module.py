@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -292,8 +292,9 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.val_table = MetricTable()
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.val_table)
+    def validation_step(self, batch, batch_idx: int) -> Dict[str, Any]:
+        """Score one batch; returns its names, metrics and pictures (``contracts.StepPictures``)."""
+        return self._evaluate(batch, batch_idx, self.val_table)
 
     def on_validation_epoch_end(self) -> None:
         # every rank's rows (DDP): exact means, not a mean of per-rank means over a padded split
@@ -305,8 +306,9 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_table = MetricTable()
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.test_table, with_edit=True)
+    def test_step(self, batch, batch_idx: int) -> Dict[str, Any]:
+        """Score one batch with the edit; returns its names, metrics and pictures (``contracts.StepPictures``)."""
+        return self._evaluate(batch, batch_idx, self.test_table, with_edit=True)
 
     def on_test_epoch_end(self) -> None:
         # every rank's rows (DDP), so test_table, the summary and the logged means equal one process's
@@ -360,7 +362,7 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
             b_ema.copy_(b)
 
     @torch.no_grad()
-    def _evaluate(self, batch, batch_idx: int, table: MetricTable, with_edit: bool = False) -> None:
+    def _evaluate(self, batch, batch_idx: int, table: MetricTable, with_edit: bool = False) -> Dict[str, Any]:
         """Per-image rows: stage two (no prefix) and stage one alone (``stage1_``) against the input, in / out
         of the ground-truth OOD mask when the batch has one, mask metrics, and the edit when configured."""
         x = batch_images(batch)
@@ -397,6 +399,7 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
         if batch_idx == 0:
             n = self.hparams.n_grid
             self.grid_batch = {k: v[:n] for k, v in rows.items()}
+        return {"names": names, "metrics": metrics, "pictures": rows}
 
     def _check_same_generator(self, path: Path) -> None:
         if not path.is_file():

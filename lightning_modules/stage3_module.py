@@ -139,7 +139,9 @@ class RefineModule(FrozenStage1, pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_table = MetricTable()
 
-    def test_step(self, batch, batch_idx: int) -> None:
+    def test_step(self, batch, batch_idx: int) -> Dict[str, Any]:
+        """Invert and score one batch; returns its names, metrics and pictures (``contracts.StepPictures``, read by
+        ``callbacks.wandb_tables.WandbMetricTable``)."""
         with torch.inference_mode(False), torch.enable_grad():
             x = batch_images(batch).clone()
             gt = batch.get("ood_mask") if isinstance(batch, Mapping) else None
@@ -147,7 +149,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
             start = time.perf_counter()
             result = self.invert(x, gt)
             seconds = (time.perf_counter() - start) / x.shape[0]
-            self._score(batch, batch_idx, x, gt, result, seconds)
+            return self._score(batch, batch_idx, x, gt, result, seconds)
 
     def on_test_epoch_end(self) -> None:
         # every rank's rows (DDP), so test_table, the summary and the logged means equal one process's
@@ -217,7 +219,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         return torch.cat(masks).to(x.device)
 
     def _score(self, batch, batch_idx: int, x: Tensor, gt: Optional[Tensor], result: Mapping[str, Any],
-               seconds: float) -> None:
+               seconds: float) -> Dict[str, Any]:
         names = list(batch["name"]) if isinstance(batch, Mapping) and "name" in batch else \
             [f"{batch_idx}_{i}" for i in range(x.shape[0])]
         metrics, rows = score_batch(x, gt, result, seconds, self.lpips, self.lpips.metric_name, self.edit,
@@ -233,3 +235,4 @@ class RefineModule(FrozenStage1, pl.LightningModule):
                 self.edit_grid_batch = {name: {"strengths": g["strengths"],
                                                "rows": {k: v[:, :m] for k, v in g["rows"].items()}}
                                         for name, g in grids.items()}
+        return {"names": names, "metrics": metrics, "pictures": rows}

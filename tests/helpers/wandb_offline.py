@@ -111,3 +111,25 @@ def run_file(run_dir, timeout: float = 30.0) -> Path:
         if time.monotonic() > deadline:
             raise FileNotFoundError(f"{run_dir}: no complete run-*.wandb file after {timeout:.0f} s")
         time.sleep(0.2)
+
+
+def logged_tables(path, key: str) -> List[Dict[str, Any]]:
+    """Every ``wandb.Table`` logged under ``key``, in order, with its media: [{"columns", "data", "column_types",
+    "files": {artifact path: local file}}].
+
+    W&B logs a table as a ``run_table`` artifact (``run-<id>-<key>``): the table JSON (``<key>.table.json``) and its
+    images, masks and class sets. The run file's artifact record lists each entry's local copy (offline: under
+    ``$WANDB_DATA_DIR/artifacts/staging``); an image cell is ``{"_type": "image-file", "path", "masks": {layer:
+    {"path"}}, "classes": {"path"}}`` with paths into ``files``. The run's own ``files/media/table/`` copy has only
+    the type names of media cells, hence this reader.
+    """
+    out = []
+    for r in read_records(path):
+        if r.WhichOneof("record_type") != "artifact" or r.artifact.type != "run_table":
+            continue
+        files = {e.path: e.local_path for e in r.artifact.manifest.contents}
+        entry = files.get(f"{key}.table.json")
+        if entry is not None:
+            table = json.loads(Path(entry).read_text())
+            out.append({**table, "files": files})
+    return out
