@@ -7,8 +7,10 @@ of columns, number of images) and the module renders it while scoring batch 0 in
     {edit name: {"strengths": [s_1 .. s_K], "rows": {method: (K + 1, N, 3, H, W) in [-1, 1]}}}
 
 Column 0 of every row is the input. This callback only lays the tensors out and writes them: one PNG per edit,
-``<run_dir>/edits/test_edit_grid_<edit>.png`` (image by image, one row per method), and, for every logger with
-``log_image`` (W&B), the same picture under ``test/<key>/<edit>`` with a caption naming the rows and columns.
+``<run_dir>/edits/test_edit_grid_<edit>.png`` (image by image, one row per method; labelled: a header band with the
+edit's name over the column headers "input" and the strengths, a band of row labels naming image and method), and,
+for every logger with ``log_image`` (W&B), the same picture under ``test/<key>/<edit>`` with a caption naming the rows
+and columns.
 Rank zero only. A module that does not offer ``lightning_modules.contracts.DrawsEditGrids`` is left alone.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from callbacks.images import grid_to_pil, make_grid, save_png
+from callbacks.images import grid_to_pil, label_grid, make_grid, save_png
 from lightning_modules.contracts import DrawsEditGrids
 
 
@@ -61,6 +63,30 @@ def caption(edit: str, strengths: Sequence[float], methods: Sequence[str], n_ima
     input | smile -3 | ...``."""
     columns = " | ".join(["input"] + [f"{edit} {_label(k)}" for k in strengths])
     return f"rows: {n_images} image(s) x ({' / '.join(methods)}), image by image; columns: {columns}"
+
+
+def column_labels(strengths: Sequence[float]) -> List[str]:
+    """Column headers of an edit grid: "input", then each strength (``+1.5``, ``0``, ``-3``)."""
+    return ["input"] + [_label(k) for k in strengths]
+
+
+def row_labels(methods: Sequence[str], n_images: int) -> List[str]:
+    """Row labels in ``layout`` order (image by image, then method): the method, prefixed ``#i`` (1-based image
+    number) when the grid shows more than one image."""
+    if n_images <= 1:
+        return list(methods)
+    return [f"#{i + 1} {m}" for i in range(n_images) for m in methods]
+
+
+def labelled_picture(edit: str, strengths: Sequence[float], rows: Mapping[str, torch.Tensor],
+                     tile_size: Optional[int] = None):
+    """The PIL picture of one edit grid with its labels: title "<edit>: edit strength", column headers
+    (``column_labels``) and row labels (``row_labels``) around the ``make_grid`` tiles of ``layout``."""
+    tiles = layout(strengths, rows, tile_size)
+    picture = grid_to_pil(make_grid(tiles, nrow=len(strengths) + 1))
+    n_images = next(iter(rows.values())).shape[1]
+    return label_grid(picture, (tiles.shape[-1], tiles.shape[-2]), column_labels(strengths),
+                      row_labels(list(rows), n_images), title=f"{edit}: edit strength")
 
 
 def _safe_name(name: str) -> str:
@@ -116,8 +142,7 @@ class EditGrid(pl.Callback):
         paths = []
         for edit, grid in grids.items():
             strengths, rows = list(grid["strengths"]), dict(grid["rows"])
-            tiles = layout(strengths, rows, self.tile_size)
-            picture = grid_to_pil(make_grid(tiles, nrow=len(strengths) + 1))
+            picture = labelled_picture(edit, strengths, rows, self.tile_size)
             path = save_png(picture, run_dir / "edits" / f"{stage}_edit_grid_{_safe_name(edit)}.png")
             paths.append(path)
             text = caption(edit, strengths, list(rows), next(iter(rows.values())).shape[1])

@@ -2,7 +2,8 @@
 
 Reads the module's ``grid_batch`` (``"input"`` (N, 3, H, W) in [-1, 1], ``"mask"`` (N, 1, H, W) in [0, 1] with
 1 = out of domain, optionally ``"ood_mask"``, the ground truth). Writes one PNG per epoch under
-``run_dir/masks/`` (input, prediction in red, ground truth in green, overlap in yellow) and, for a W&B logger,
+``run_dir/masks/`` (row "input", row "OOD masks": prediction in red, ground truth in green, overlap in yellow; row
+labels on the left and a legend of the colours below, ``labelled_overlay``) and, for a W&B logger,
 a list of ``wandb.Image`` with W&B's interactive mask overlays ("prediction" and "ground_truth" layers with
 class labels), which the dashboard can toggle per class. Rank zero only.
 """
@@ -15,9 +16,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from callbacks.images import grid_to_pil, make_grid, save_png
+from callbacks.images import add_legend, grid_to_pil, label_grid, make_grid, save_png
 
 CLASS_LABELS = {0: "in-domain", 1: "out-of-domain"}
+# the legend of the overlay's colours (overlay: red = predicted, green = ground truth, yellow = both)
+LEGEND = (((255, 0, 0), "predicted OOD"), ((0, 255, 0), "true OOD"), ((255, 255, 0), "both"))
 
 
 def overlay(images: torch.Tensor, pred: torch.Tensor, gt: Optional[torch.Tensor] = None, threshold: float = 0.5,
@@ -31,6 +34,18 @@ def overlay(images: torch.Tensor, pred: torch.Tensor, gt: Optional[torch.Tensor]
     any_mask = torch.maximum(p, g)
     tinted = unit * (1 - strength * any_mask) + strength * any_mask * colour
     return tinted * 2 - 1
+
+
+def labelled_overlay(images: torch.Tensor, pred: torch.Tensor, gt: Optional[torch.Tensor] = None,
+                     threshold: float = 0.5):
+    """The overlay picture (PIL): the inputs (N, 3, H, W) in [-1, 1] on a row labelled "input", their ``overlay``
+    on a row labelled "OOD masks", and a legend below (red: predicted OOD, green: true OOD, yellow: both; only
+    red without ``gt``)."""
+    images = images.detach().float().cpu()
+    tinted = overlay(images, pred, gt, threshold)
+    picture = grid_to_pil(make_grid(torch.cat([images, tinted]), nrow=images.shape[0]))
+    picture = label_grid(picture, (images.shape[-1], images.shape[-2]), rows=["input", "OOD masks"])
+    return add_legend(picture, LEGEND if gt is not None else LEGEND[:1])
 
 
 def _uint8(image: torch.Tensor) -> np.ndarray:
@@ -75,9 +90,7 @@ class MaskOverlay(pl.Callback):
         rows = getattr(pl_module, "grid_batch", None)
         if not rows or "mask" not in rows or "input" not in rows or not trainer.is_global_zero:
             return
-        tinted = overlay(rows["input"], rows["mask"], rows.get("ood_mask"), self.threshold)
-        picture = grid_to_pil(make_grid(torch.cat([rows["input"].detach().float().cpu(), tinted]),
-                                        nrow=rows["input"].shape[0]))
+        picture = labelled_overlay(rows["input"], rows["mask"], rows.get("ood_mask"), self.threshold)
         step = trainer.global_step
         run_dir = Path(self.run_dir or trainer.default_root_dir)
         save_png(picture, run_dir / "masks" / f"{stage}_step_{step:06d}.png")
