@@ -179,3 +179,28 @@ def test_sweep_command_runs_log_the_metric_and_the_parameters(files, tmp_path):
         cfg = config(path)
         for name, value in params.items():
             assert _dotted(cfg, name) == value, name
+
+
+def test_hydra_multirun_over_methods_is_one_wandb_group(files, tmp_path):
+    """`run.py -m +exp=dhr model.method=e4e,ood_blend`: one W&B run per job, all in the group named after the sweep
+    directory, each named by its method, with the same per-image table columns."""
+    sweep = tmp_path / "multirun_methods"
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DATA_DIR=str(tmp_path / "wandb_data"),
+               OMP_NUM_THREADS="1")
+    env.pop("WANDB_DIR", None)
+    command = [sys.executable, str(ROOT / "experiments" / "run.py"), "-m", "+exp=dhr", "model.method=e4e,ood_blend",
+               f"hydra.sweep.dir={sweep}", "trainer=cpu", "trainer.enable_progress_bar=false", "data.batch_size=2",
+               "chain.align_mask.enabled=false", "callbacks.wandb_metric_table.thumbnail=16",
+               *fast(files, tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    paths = {}
+    for job, method in enumerate(("e4e", "ood_blend")):
+        [wandb_dir] = list((sweep / str(job)).glob("wandb/offline-run-*"))
+        paths[method] = run_file(wandb_dir)
+    records = {m: run_record(p) for m, p in paths.items()}
+    assert {r.run_group for r in records.values()} == {"multirun_methods"}
+    assert [r.display_name for r in records.values()] == ["dhr-e4e-synthfaces-stylegan2-64px",
+                                                           "dhr-ood_blend-synthfaces-stylegan2-64px"]
+    columns = [logged_tables(p, "test/per_image")[0]["columns"] for p in paths.values()]
+    assert {"name", "psnr", "input", "reconstruction", "mask", "edit"} <= set(columns[0]) & set(columns[1])

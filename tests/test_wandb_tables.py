@@ -246,3 +246,30 @@ def test_stage2_validation_and_test_tables_have_pictures(files, compose_cfg, tmp
     assert len(test["data"]) == 4
     row = dict(zip(test["columns"], test["data"][0]))
     assert set(row["mask"]["masks"]) == {"prediction", "ground_truth"}  # the OOD test twins have one
+
+
+def test_stage1_validation_and_test_tables_have_pictures(compose_cfg, make_images, tmp_path, monkeypatch):
+    """`+exp=e4e` through run.py (16 px): a validation table with input / reconstruction at each validation, and the
+    test table (images without a ground-truth mask: no mask column)."""
+    from networks.checkpoints import export_generator
+    from networks.stylegan2 import Generator
+
+    torch.manual_seed(0)
+    g = Generator(16, style_dim=32, n_mlp=2, channel_multiplier=1, channel_max=32)
+    generator = export_generator(tmp_path / "generator.pt", g, g.mean_latent(256, seed=0).reshape(-1))
+    make_images(tmp_path / "images", [f"{i}.png" for i in range(6)], size=(16, 16))
+    overrides = ["+exp=e4e", "data=image_folder", f"data.root={tmp_path / 'images'}", "generator.size=16",
+                 "data.batch_size=2", "data.num_workers=0", "data.val_count=2", f"model.generator_checkpoint={generator}",
+                 "model.encoder.width=0.25", "model.encoder.units=[1,1,1,1]", "logger=wandb", "trainer=cpu",
+                 "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                 "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+                 "callbacks.wandb_metric_table.val_pictures=2"]
+    path = _run(compose_cfg, overrides, tmp_path, monkeypatch)
+    tables = logged_tables(path, "val/per_image")
+    assert len(tables) == 2  # steps 2 and 4
+    for table in tables:
+        assert table["columns"][0] == "name" and table["columns"][-2:] == ["input", "reconstruction"]
+        assert len(table["data"]) == 2
+        assert _image(table, table["data"][0][-1]).shape == (16, 16, 3)
+    [test] = logged_tables(path, "test/per_image")
+    assert test["columns"][-2:] == ["input", "reconstruction"] and len(test["data"]) == 2
