@@ -204,7 +204,7 @@ class CelebAHQDataModule(ImageFolderDataModule):
         """The dataset of `split`, its files checked once (a split used for validation and test warns once)."""
         if split not in self._checked:
             folder, files = self.split_files(split)
-            options = self.dataset_options()
+            options = {k: v for k, v in self.dataset_options().items() if k != "masks"}
             if files is None:
                 files = list_images(folder)
             files = check_images(files, folder, self.hparams.resolution, **options)

@@ -26,18 +26,22 @@ class FolderDataModule(ImageFolderDataModule):
         aligned_root: where aligned images go (default: ``<root>_aligned<align_size>`` next to `root`).
         predictor_path: dlib 68-point landmark model (default: the one of face-recognition-models).
         upsample: face detector upsampling (1 finds faces down to ~40 px; more is slower).
+        masks: optional folder of ground-truth OOD masks ``<masks>/<name>.png`` (white = OOD; ``name`` as the
+            image's path relative to ``root``, without extension): batches then carry ``ood_mask``.
         batch_size, num_workers, val_count, val_fraction, flip, seed, pin_memory, verify, non_square,
             allow_upscale: see `ImageFolderDataModule`.
-    Batches: training/validation float32 (B, 3, R, R) in [-1, 1]; test/predict dicts {"image", "name"}
-    over the held-out images, or every image when none is held out (the usual case for inverting photos).
+    Batches: dicts {"image" (B, 3, R, R) in [-1, 1], "name"[, "ood_mask" (B, 1, R, R)]}; test/predict over the
+    held-out images, or every image when none is held out (the usual case for inverting photos).
     """
 
     def __init__(self, root: str | Path, resolution: int, align: bool = False, align_size: int | None = None,
                  aligned_root: str | None = None, predictor_path: str | None = None, upsample: int = 1,
                  batch_size: int = 16, num_workers: int = 0, val_count: int | None = None,
                  val_fraction: float = 0.0, flip: bool = True, seed: int = 0, pin_memory: bool = False,
-                 verify: str | bool = "header", non_square: str = "crop", allow_upscale: bool = True):
+                 verify: str | bool = "header", non_square: str = "crop", allow_upscale: bool = True,
+                 masks: str | None = None):
         root = str(Path(root).expanduser())  # hparams must stay plain (weights_only checkpoints)
+        masks = str(Path(masks).expanduser()) if masks else None
         self.source_folder = Path(root)
         size = int(align_size or resolution)
         default = self.source_folder.parent / f"{self.source_folder.name}_aligned{size}"
@@ -47,7 +51,8 @@ class FolderDataModule(ImageFolderDataModule):
             resolve_predictor_path(predictor_path)
         super().__init__(root=root, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
                          val_count=val_count, val_fraction=val_fraction, flip=flip, seed=seed,
-                         pin_memory=pin_memory, verify=verify, non_square=non_square, allow_upscale=allow_upscale)
+                         pin_memory=pin_memory, verify=verify, non_square=non_square, allow_upscale=allow_upscale,
+                         masks=masks)
         self.align_size = size
 
     @property

@@ -15,7 +15,10 @@ and the config key:
 - non-square images are centre-cropped (listed) or refused (`non_square="error"`);
 - images smaller than `resolution` are upscaled (listed) or refused (`allow_upscale=False`).
 A file that fails to decode later (missed by the header check) stops with a DataError naming it.
-Training batches are plain tensors; test/predict batches are dicts ``{"image", "name"}``.
+
+Every split yields the one batch shape of the project: a dict ``{"image": (B, 3, R, R), "name": list[str]}``, plus
+``"ood_mask"`` (B, 1, R, R) when a masks folder is given (``masks``: ``<masks>/<name>.png``, white = out of domain,
+given the image's crop and resize; an image without a readable mask gets an all-NaN mask: unknown).
 """
 import copy
 import os
@@ -28,6 +31,7 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from albumentations.pytorch import ToTensorV2
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -254,15 +258,37 @@ def read_rgb(path: Path) -> np.ndarray:
         ) from exc
 
 
+def read_mask(masks: str | Path | None, name: str, size: tuple[int, int]) -> np.ndarray | None:
+    """The OOD mask ``<masks>/<name>.png`` (white = out of domain) as a (H, W) uint8 array of 0 / 1 at ``size`` (H, W)
+    (nearest resize: the mask of the image as stored, before its crop); None without ``masks`` or the file, or when
+    it cannot be read (warns, naming the file: the image only loses its mask)."""
+    if not masks:
+        return None
+    path = Path(masks).expanduser() / f"{name}.png"
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as im:
+            mask = np.asarray(im.convert("L").resize(tuple(size)[::-1], Image.NEAREST)) >= 128
+    except (OSError, ValueError) as err:
+        rank_zero_warn(f"masks: cannot read the ground-truth mask {path} ({type(err).__name__}: {err}); "
+                       f"{name!r} has no ground-truth mask (no metrics.json in mode=invert)")
+        return None
+    return mask.astype(np.uint8)
+
+
 class ImageFolderDataset(Dataset):
-    """Images under `root` as (3, resolution, resolution) float32 tensors in [-1, 1].
+    """Images under `root` as dict items ``{"image": (3, resolution, resolution) float32 in [-1, 1], "name": str}``,
+    plus ``"ood_mask"`` (1, resolution, resolution) float32 in {0, 1} (1 = out of domain) when `masks` is given.
 
     root: folder (searched recursively); resolution: output side in pixels; flip: random horizontal
     mirror (training); verify: "header" (default; True means the same), "full" or "none"/False, see
     `check_images`; files: an already checked file list (skips the scan and the checks; used for
     train/val views and by subclasses); non_square: "crop" or "error"; allow_upscale: upscale images
-    smaller than `resolution` (else an error).
-    Subclasses can override `load_image`, `build_transform` and `__getitem__` (e.g. to add masks/labels).
+    smaller than `resolution` (else an error); masks: optional folder of OOD masks ``<masks>/<name>.png``
+    (white = OOD; resized to the image, then cropped, resized and mirrored with it; an image without a readable
+    mask gets an all-NaN mask, "unknown", so that every item of a batch has one).
+    Subclasses can override `load_image`, `build_transform` and `__getitem__` (e.g. to add labels).
     """
 
     def __init__(
@@ -274,20 +300,24 @@ class ImageFolderDataset(Dataset):
         files=None,
         non_square: str = "crop",
         allow_upscale: bool = True,
+        masks: str | Path | None = None,
     ):
         self.root = Path(root).expanduser()
         self.resolution = int(resolution)
         self.flip = flip
+        self.masks = Path(masks).expanduser() if masks else None
         if non_square not in NON_SQUARE_MODES:
             raise DataError(f"data.non_square must be one of {', '.join(NON_SQUARE_MODES)}; got {non_square!r}")
+        if self.masks is not None and not self.masks.is_dir():
+            raise DataError(f"masks={masks}: no such folder (OOD masks <masks>/<name>.png, white = OOD)")
         if files is None:
             files = check_images(list_images(self.root), self.root, self.resolution, verify, non_square, allow_upscale)
         self.files = list(files)
         self.transform = self.build_transform()
 
     def build_transform(self) -> A.Compose:
-        """`make_transform(resolution, flip)`."""
-        return make_transform(self.resolution, self.flip)
+        """`make_transform(resolution, flip)` (the mask, when there is one, gets the same geometry)."""
+        return make_transform(self.resolution, self.flip, additional_targets={"ood_mask": "mask"})
 
     def load_image(self, path: Path) -> np.ndarray:
         """Reads `path` as an RGB uint8 array (H, W, 3); see `read_rgb`."""
@@ -312,18 +342,26 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        """Returns image `index` as a float32 tensor (3, resolution, resolution) in [-1, 1]."""
+    def __getitem__(self, index: int) -> dict:
+        """Item `index`: {"image": (3, R, R) float32 in [-1, 1], "name": str[, "ood_mask": (1, R, R) float32]}."""
         image = self.load_image(self.files[index])
+        name = self.name(index)
         # Albumentations keeps its own RNG; seeding it from torch makes augmentations follow
         # seed_everything and differ between DataLoader workers.
         self.transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ())))
-        return self.transform(image=image)["image"]
+        if self.masks is None:
+            return {"image": self.transform(image=image)["image"], "name": name}
+        mask = read_mask(self.masks, name, image.shape[:2])
+        out = self.transform(image=image, ood_mask=mask if mask is not None else np.zeros(image.shape[:2], np.uint8))
+        ood = out["ood_mask"].float()[None]
+        if mask is None:
+            ood = torch.full_like(ood, float("nan"))
+        return {"image": out["image"], "name": name, "ood_mask": ood}
 
 
 class NamedImages(Dataset):
-    """Evaluation view: items ``{"image": (3, R, R) float32 in [-1, 1], "name": str}`` of `dataset[indices]`
-    (all when `indices` is None), with flipping switched off."""
+    """Evaluation view: the items (``{"image", "name"[, "ood_mask"]}``) of `dataset[indices]` (all when `indices` is
+    None), with flipping switched off."""
 
     def __init__(self, dataset: ImageFolderDataset, indices: Sequence[int] | None = None):
         self.dataset = dataset.with_flip(False) if dataset.flip else dataset
@@ -333,8 +371,7 @@ class NamedImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, index: int) -> dict:
-        i = self.indices[index]
-        return {"image": self.dataset[i], "name": self.dataset.name(i)}
+        return self.dataset[self.indices[index]]
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
@@ -343,12 +380,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
     root, resolution: see `ImageFolderDataset`; batch_size: per device (per DDP process);
     val_count: number of held-out images (wins over val_fraction); val_fraction: share held out
     when val_count is None; flip: mirror training images at random; seed: fixes the split;
-    verify / non_square / allow_upscale: bad-input policy, see `check_images`.
-    Training and validation batches are float32 tensors (B, 3, resolution, resolution) in [-1, 1]
-    (training drops the last incomplete batch; validation never flips). Test and predict batches are
-    dicts ``{"image": (B, 3, R, R), "name": list[str]}`` over the held-out images (all images when
-    nothing is held out), in a fixed order. Subclasses set `dataset_class` and may override
-    `make_dataset`, `split` and `make_test_set`.
+    verify / non_square / allow_upscale: bad-input policy, see `check_images`; masks: optional folder of OOD
+    masks ``<masks>/<name>.png`` (white = OOD), see `ImageFolderDataset`.
+    Every batch is a dict ``{"image": (B, 3, R, R) float32 in [-1, 1], "name": list[str]}`` plus ``"ood_mask"``
+    (B, 1, R, R) with `masks` (training drops the last incomplete batch; validation never flips). Test and predict
+    batches cover the held-out images (all images when nothing is held out), in a fixed order. Subclasses set
+    `dataset_class` and may override `make_dataset`, `split` and `make_test_set`.
     """
 
     dataset_class = ImageFolderDataset
@@ -367,6 +404,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         verify: str | bool = "header",
         non_square: str = "crop",
         allow_upscale: bool = True,
+        masks: str | None = None,
     ):
         super().__init__()
         root = str(Path(root).expanduser())  # hparams go into checkpoints: keep them weights_only-loadable
@@ -378,6 +416,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
             raise DataError(
                 f"data.val_count must be >= 0 and data.val_fraction in [0, 1); got {val_count}, {val_fraction}"
             )
+        if masks and not Path(masks).expanduser().is_dir():
+            raise DataError(f"data.masks={masks}: no such folder (OOD masks <masks>/<name>.png, white = OOD)")
         self.check_root()  # fail at construction, before any training machinery starts
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -392,7 +432,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def dataset_options(self) -> dict:
         """Bad-input policy passed to every dataset this module builds."""
         hp = self.hparams
-        return dict(verify=hp.verify, non_square=hp.non_square, allow_upscale=hp.allow_upscale)
+        return dict(verify=hp.verify, non_square=hp.non_square, allow_upscale=hp.allow_upscale,
+                    masks=hp.get("masks"))
 
     def make_dataset(self) -> ImageFolderDataset:
         """Builds the full dataset (training transforms); the split and the val view are made from it."""
@@ -443,7 +484,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             )
 
     def make_test_set(self) -> Dataset:
-        """Test/predict items ``{"image", "name"}``: the held-out images, or every image when none is held out."""
+        """Test/predict items ``{"image", "name"[, "ood_mask"]}``: the held-out images, or every image when none is held out."""
         full = self.full_dataset()
         _, val = self.split(len(full))
         return NamedImages(full, val or None)
@@ -461,11 +502,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled batches (B, 3, R, R), last incomplete batch dropped."""
+        """Shuffled dict batches, last incomplete batch dropped."""
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        """Held-out batches in a fixed order, no flipping (empty when nothing is held out)."""
+        """Held-out dict batches in a fixed order, no flipping (empty when nothing is held out)."""
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:

@@ -100,7 +100,7 @@ class SynthFacesDataModule(ImageFolderDataModule):
         test_variant: "ood" (test/predict inputs are the corrupted twins) or "clean" (the clean test images).
         resolution, batch_size, num_workers, flip, seed, pin_memory, verify, non_square, allow_upscale: as
             ``ImageFolderDataModule`` (``seed`` is unused: the split comes from ``splits.json``).
-    Batches: training/validation float32 (B, 3, resolution, resolution) in [-1, 1]; test/predict dicts
+    Batches: training/validation dicts {"image" (B, 3, R, R) in [-1, 1], "name"}; test/predict dicts
     of `SynthFacesEvalDataset` items: image, clean (B, 3, R, R), ood_mask (B, 1, R, R) float {0, 1},
     parts (B, R, R) long, labels {factor: (B,)}, family list[str], severity (B,), name list[str].
     """

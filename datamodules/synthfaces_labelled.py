@@ -5,6 +5,7 @@ rendered on first use like ``SynthFacesDataModule``): ``images/``, ``parts/``, `
 the train / val / test indices of ``splits.json``. A batch is a dict::
 
     {"image":  float32 (B, 3, R, R) in [-1, 1],
+     "name":   list[str] file stems (e.g. "00042"),
      "labels": float32 (B, 36) label vectors in FACTOR_NAMES order (categories as 0., 1., ...),
      "parts":  int64 (B, R, R) part classes (PART_CLASSES),      # only with with_parts=True
      "index":  int64 (B,) dataset indices}
@@ -85,7 +86,8 @@ class SynthFacesLabelledDataset(Dataset):
             resized with area averaging, part maps with nearest neighbour when it differs from the
             stored size); with_parts: also return ``parts``; flip: mirror image and part map at random
             (labels are NOT mirrored: keep it off for attribute training); preload: decode everything now.
-    Items: dict with ``image`` (3, R, R) float32 in [-1, 1], ``labels`` (36,), ``parts`` (R, R) int64, ``index``.
+    Items: dict with ``image`` (3, R, R) float32 in [-1, 1], ``name`` (the file stem, e.g. "00042"), ``labels`` (36,),
+    ``parts`` (R, R) int64, ``index``.
     """
 
     def __init__(self, root: Path, indices: Sequence[int], labels: torch.Tensor, n: int, resolution: int,
@@ -133,7 +135,7 @@ class SynthFacesLabelledDataset(Dataset):
         """Item ``k`` of the split (see the class docstring)."""
         index = self.indices[k]
         image = self.images[k] if self.images is not None else self._read_image(index)
-        item = {"labels": self.labels[k], "index": torch.tensor(index)}
+        item = {"name": f"{index:0{_name_width(self.n)}d}", "labels": self.labels[k], "index": torch.tensor(index)}
         parts = None
         if self.with_parts:
             parts = self.parts[k] if self.parts is not None else self._read_parts(index)

@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     dm.prepare_data()
     dm.setup("fit")
     torch.manual_seed(0)  # the shuffled training order
-    images = next(iter(dm.train_dataloader()))[: args.n]
+    images = next(iter(dm.train_dataloader()))["image"][: args.n]
     images, truth = paste_random_patches(images, p=1.0, generator=torch.Generator().manual_seed(0))
     maps = segmenter.error_maps(images)  # computed once; every scale only re-thresholds
     labels, probs = segmenter.regions(images)

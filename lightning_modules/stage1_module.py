@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -55,15 +55,6 @@ def progressive_stage_at(step: int, n_styles: int, start: Optional[int], every: 
     if step < start:
         return 0
     return min(n_styles - 1, 1 + (step - start) // max(1, every))
-
-
-def batch_images(batch: Any) -> Tensor:
-    """The image tensor (B, 3, H, W) of a batch: a tensor, a (tensor, ...) tuple or a dict with "image"."""
-    if isinstance(batch, Mapping):
-        return batch["image"]
-    if isinstance(batch, (tuple, list)):
-        return batch[0]
-    return batch
 
 
 class EncoderModule(pl.LightningModule):
@@ -195,7 +186,7 @@ class EncoderModule(pl.LightningModule):
         self.stage = stage
         if hasattr(self.encoder, "set_progressive_stage"):
             self.encoder.set_progressive_stage(stage)
-        x = self._check_images(batch_images(batch))
+        x = self._check_images(batch["image"])
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         logs: Dict[str, Tensor] = {}
@@ -215,12 +206,11 @@ class EncoderModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> Dict[str, Any]:
         """Score one batch; returns its names, metrics and pictures (``contracts.StepPictures``)."""
-        x = self._check_images(batch_images(batch))
+        x = self._check_images(batch["image"])
         y_hat = self(x)
         metrics = self._metrics(y_hat, x)
-        names = list(batch["name"]) if isinstance(batch, Mapping) and "name" in batch else \
-            [f"{batch_idx}_{i}" for i in range(x.shape[0])]
-        self._val_table.add([f"{batch_idx}_{i}" for i in range(x.shape[0])], metrics)
+        names = list(batch["name"])
+        self._val_table.add(names, metrics)
         if batch_idx == 0:
             n = self.hparams.n_grid
             self.grid_batch = {"input": x[:n].detach(), "reconstruction": y_hat[:n].detach()}
@@ -240,15 +230,14 @@ class EncoderModule(pl.LightningModule):
         """Per-image metrics of the reconstruction against the input (whole image, and inside / outside the
         ``ood_mask`` of SynthFaces evaluation batches), plus ``clean_*`` against the clean twin when present. Returns the
         batch's names, metrics and pictures (``contracts.StepPictures``)."""
-        x = self._check_images(batch_images(batch))
-        mask = batch.get("ood_mask") if isinstance(batch, Mapping) else None
+        x = self._check_images(batch["image"])
+        mask = batch.get("ood_mask")
         y_hat = self(x)
         metrics = self._metrics(y_hat, x, mask)
-        if isinstance(batch, Mapping) and "clean" in batch:
+        if "clean" in batch:
             metrics.update({f"clean_{k}": v for k, v in image_metrics(y_hat, batch["clean"], mask).items()
                             if k in ("psnr", "ssim", "psnr_out")})
-        names = list(batch["name"]) if isinstance(batch, Mapping) and "name" in batch else \
-            [f"{batch_idx}_{i}" for i in range(x.shape[0])]
+        names = list(batch["name"])
         self.test_table.add(names, metrics)
         pictures = {"input": x, "reconstruction": y_hat, **({"ood_mask": mask} if mask is not None else {})}
         return {"names": names, "metrics": metrics, "pictures": pictures}

@@ -43,7 +43,6 @@ from lightning_modules.perceptual import LPIPSLoss
 from lightning_modules.vgg_perceptual import VGGPerceptualLoss
 from lightning_modules.plain import to_plain
 from lightning_modules.stage1_handoff import ENCODER_RESIZES, FrozenStage1
-from lightning_modules.stage1_module import batch_images
 from lightning_modules.steps import uncounted_step
 from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
 from networks.checkpoints import CheckpointError, check_same_generator, load_generator, weights_fingerprint
@@ -246,7 +245,7 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> None:
         self.generator.eval()
         self.encoder.eval()
-        x = batch_images(batch)
+        x = batch["image"]
         patch_mask = None
         if self.train_patches["p"] > 0:
             x, patch_mask = paste_random_patches(x, **self.train_patches)
@@ -365,9 +364,9 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
     def _evaluate(self, batch, batch_idx: int, table: MetricTable, with_edit: bool = False) -> Dict[str, Any]:
         """Per-image rows: stage two (no prefix) and stage one alone (``stage1_``) against the input, in / out
         of the ground-truth OOD mask when the batch has one, mask metrics, and the edit when configured."""
-        x = batch_images(batch)
-        gt = batch.get("ood_mask") if isinstance(batch, Mapping) else None
-        target = batch["clean"] if isinstance(batch, Mapping) and "clean" in batch else x
+        x = batch["image"]
+        gt = batch.get("ood_mask")
+        target = batch.get("clean", x)
         encoded = self.encode(x)
         codes = encoded[0]
         out = self.run(x, encoded=encoded)
@@ -393,8 +392,7 @@ class AlignMaskModule(FrozenStage1, pl.LightningModule):
             for prefix, before, after in (("", out.output, edited), ("stage1_", stage1, edited_stage1)):
                 metrics.update({prefix + k: v for k, v in edit_scores(self.edit, before, after, x, gt).items()})
             rows.update({"stage1_edit": edited_stage1, "edit": edited})
-        names = list(batch["name"]) if isinstance(batch, Mapping) and "name" in batch else \
-            [f"{batch_idx}_{i}" for i in range(x.shape[0])]
+        names = list(batch["name"])
         table.add(names, metrics)
         if batch_idx == 0:
             n = self.hparams.n_grid

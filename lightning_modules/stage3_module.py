@@ -19,7 +19,6 @@ from callbacks.inversion_writer import InversionWriter, read_ground_truth_mask
 from lightning_modules.edit_metrics import load_edit_scorer
 from lightning_modules.metrics import MetricTable, loader_size, method_comparison
 from lightning_modules.stage1_handoff import FrozenStage1
-from lightning_modules.stage1_module import batch_images
 from lightning_modules.stage3_build import SEGMENTATION_DEFAULTS, build_parts, method_class  # noqa: F401
 from lightning_modules.stage3_edits import (edit_grid, edited_codes, grid_edits, grid_renderers,  # noqa: F401
                                             grid_strengths, load_output_edit)
@@ -143,8 +142,8 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         """Invert and score one batch; returns its names, metrics and pictures (``contracts.StepPictures``, read by
         ``callbacks.wandb_tables.WandbMetricTable``)."""
         with torch.inference_mode(False), torch.enable_grad():
-            x = batch_images(batch).clone()
-            gt = batch.get("ood_mask") if isinstance(batch, Mapping) else None
+            x = batch["image"].clone()
+            gt = batch.get("ood_mask")
             gt = gt.clone() if gt is not None else None
             start = time.perf_counter()
             result = self.invert(x, gt)
@@ -204,7 +203,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         ``ood_mask`` or else ``masks=DIR`` (``<name>.png``, white = OOD); None for other sources."""
         if not self.uses_ground_truth:
             return None
-        if isinstance(batch, Mapping) and batch.get("ood_mask") is not None:
+        if batch.get("ood_mask") is not None:
             return batch["ood_mask"][list(rows)].to(x.device)
         masks_dir = self.writer.masks_dir if self.writer is not None else None
         masks = []
@@ -220,8 +219,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
 
     def _score(self, batch, batch_idx: int, x: Tensor, gt: Optional[Tensor], result: Mapping[str, Any],
                seconds: float) -> Dict[str, Any]:
-        names = list(batch["name"]) if isinstance(batch, Mapping) and "name" in batch else \
-            [f"{batch_idx}_{i}" for i in range(x.shape[0])]
+        names = list(batch["name"])
         metrics, rows = score_batch(x, gt, result, seconds, self.lpips, self.lpips.metric_name, self.edit,
                                     lambda codes: self.render_edit(result, x, codes))
         self.test_table.add(names, metrics)

@@ -98,8 +98,8 @@ class StyleGAN2Module(pl.LightningModule):
             or does not fit ``generator`` / ``discriminator``.
         checkpoint_trust: allow ``init_checkpoint`` files that need arbitrary unpickling (trusted sources only).
 
-    Batches are image tensors (B, 3, size, size) in [-1, 1], or a tuple/list whose first item is one,
-    or a dict with key ``"image"``. B must be divisible by min(B, 4) (minibatch-stddev groups).
+    Batches are dicts with ``"image"`` (B, 3, size, size) in [-1, 1] (every DataModule's batch). B must be
+    divisible by min(B, 4) (minibatch-stddev groups).
     """
 
     def __init__(self, generator: dict, discriminator: dict, lr: float = 0.002, r1_gamma: float = 10.0,
@@ -356,11 +356,7 @@ class StyleGAN2Module(pl.LightningModule):
         return (mixed + self.global_rank * 2654435761) % (2 ** 63)
 
     def _images(self, batch) -> torch.Tensor:
-        images = batch
-        if isinstance(batch, Mapping):
-            images = batch.get("image")
-        elif isinstance(batch, (tuple, list)) and batch:
-            images = batch[0]
+        images = batch["image"]  # every DataModule's batch: a dict with "image" (B, 3, S, S)
         size = self.g.size
         if not (torch.is_tensor(images) and images.is_floating_point() and images.ndim == 4
                 and tuple(images.shape[1:]) == (3, size, size)):

@@ -35,7 +35,7 @@ def test_every_exp_composes_and_builds_data_trainer_callbacks(exp, compose_cfg, 
     assert cfg.task_name == exp
     dm = instantiate(cfg.data)
     dm.setup("fit")
-    assert next(iter(dm.train_dataloader())).shape[1:] == (3, cfg.generator.size, cfg.generator.size)
+    assert next(iter(dm.train_dataloader()))["image"].shape[1:] == (3, cfg.generator.size, cfg.generator.size)
     callbacks = instantiate_callbacks(cfg.callbacks)
     loggers = instantiate_loggers(cfg.logger)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)

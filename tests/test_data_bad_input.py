@@ -80,7 +80,7 @@ def test_grayscale_16_bit_cmyk_and_alpha_images_are_converted_to_8_bit_rgb(tmp_p
     assert (values["b_rgb16"] == (255, 0, 0)).all()
     assert np.abs(values["c_cmyk"].astype(int) - (0, 0, 255)).max() < 8
     assert (values["d_la"] == 100).all()
-    torch.testing.assert_close(ds[0], torch.full((3, 8, 8), 200 / 127.5 - 1))
+    torch.testing.assert_close(ds[0]["image"], torch.full((3, 8, 8), 200 / 127.5 - 1))
 
 
 def test_exif_rotation_is_applied(tmp_path):
@@ -100,7 +100,7 @@ def test_non_square_images_are_centre_cropped_with_one_warning_or_refused(tmp_pa
         ds = ImageFolderDataset(tmp_path, resolution=16)
     (message,) = data_warnings(record, "non-square")
     assert "2 non-square image(s) are centre-cropped" in message and "tall.jpg (24x16), wide.png (24x16)" in message
-    assert "data.non_square=error" in message and ds[2].shape == (3, 16, 16)
+    assert "data.non_square=error" in message and ds[2]["image"].shape == (3, 16, 16)
     with pytest.raises(DataError, match=r"2 image\(s\) under .* are not square: tall\.jpg.*data\.non_square=crop"):
         ImageFolderDataset(tmp_path, resolution=16, non_square="error")
     with pytest.raises(DataError, match=r"data\.non_square must be one of crop, error"):
@@ -116,7 +116,7 @@ def test_images_smaller_than_the_resolution_are_upscaled_with_one_warning_or_ref
     (message,) = data_warnings(record, "smaller than")
     assert "2 image(s) smaller than the resolution 16 are upscaled" in message
     assert "one_pixel.png (1x1), tiny.png (4x4)" in message and "data.allow_upscale=false" in message
-    assert all(ds[i].shape == (3, 16, 16) for i in range(3))
+    assert all(ds[i]["image"].shape == (3, 16, 16) for i in range(3))
     with pytest.raises(DataError, match=r"2 image\(s\) under .* smaller than the resolution 16: one_pixel\.png.*"
                                         r"data\.allow_upscale=true"):
         ImageFolderDataset(tmp_path, resolution=16, allow_upscale=False)

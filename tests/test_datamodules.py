@@ -75,7 +75,7 @@ def test_ffhq_trains_on_all_and_validates_on_the_last_slice(tmp_path, make_image
     held.setup("fit")
     assert list(held.train_set.indices) == list(range(9))
     batch = next(iter(dm.train_dataloader()))
-    assert isinstance(batch, torch.Tensor) and batch.shape == (4, 3, 8, 8)  # plain tensors for stage 0
+    assert set(batch) == {"image", "name"} and batch["image"].shape == (4, 3, 8, 8)  # one batch shape everywhere
     test = next(iter(dm.test_dataloader()))
     assert test["name"] == ["00005/00009", "00010/00010", "00010/00011"] and test["image"].shape == (3, 3, 8, 8)
     assert weights_only_roundtrip(dm.hparams)["root"] == str(tmp_path)
@@ -94,7 +94,7 @@ def test_ffhq_resizes_1024_style_images_with_antialiasing(tmp_path):
     Image.fromarray(np.repeat(checker[..., None], 3, -1)).save(tmp_path / "00001.png")
     dm = FFHQDataModule(tmp_path, resolution=16, batch_size=1, val_count=1)
     dm.setup("fit")
-    assert dm.train_set[0].abs().max() < 0.02  # area averaging: mid-grey, no aliasing
+    assert dm.train_set[0]["image"].abs().max() < 0.02  # area averaging: mid-grey, no aliasing
 
 
 # --- CelebA-HQ ----------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def test_celebahq_datamodule_with_split_files_trains_validates_and_tests_on_the_
     assert [p.stem for p in dm.val_set.files] == ["1", "4", "7"]  # val_split=test, as e4e / pSp
     assert dm.train_set.flip and not dm.val_set.flip
     batch = next(iter(dm.train_dataloader()))
-    assert isinstance(batch, torch.Tensor) and batch.shape == (2, 3, 8, 8)
+    assert set(batch) == {"image", "name"} and batch["image"].shape == (2, 3, 8, 8)
     test = [b for b in dm.test_dataloader()]
     assert [n for b in test for n in b["name"]] == ["1", "4", "7"]
     assert next(iter(dm.predict_dataloader()))["name"] == test[0]["name"]
@@ -206,6 +206,35 @@ def test_folder_of_photos_predicts_every_photo_by_name(tmp_path, make_images):
     assert not (tmp_path / "photos_aligned8").exists()  # no alignment unless asked
 
 
+def test_folder_with_masks_gives_every_split_its_ood_masks_cropped_like_the_image(tmp_path, make_images):
+    make_images(tmp_path / "photos", ["a.png", "b.png", "sub/c.png", "d.png"], size=(24, 16))  # 24 wide, 16 high
+    masks = tmp_path / "masks"
+    mask = np.zeros((16, 24), np.uint8)
+    mask[:, :12] = 255  # the left half of the photo is OOD
+    (masks / "sub").mkdir(parents=True)
+    Image.fromarray(mask).save(masks / "a.png")
+    Image.fromarray(mask[::2, ::2]).save(masks / "sub" / "c.png")  # half size: resized to the photo first
+    (masks / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    dm = FolderDataModule(tmp_path / "photos", resolution=8, batch_size=4, masks=str(masks), flip=False)
+    with pytest.warns(UserWarning, match=r"cannot read the ground-truth mask .*d\.png"):
+        batch = next(iter(dm.predict_dataloader()))
+    assert batch["name"] == ["a", "b", "d", "sub/c"] and batch["ood_mask"].shape == (4, 1, 8, 8)
+    expected = torch.zeros(1, 8, 8)
+    expected[..., :4] = 1  # 24x16 -> 12x8, centre 8 columns = columns 2..9 of 12; OOD were columns 0..5
+    for i in (0, 3):
+        assert torch.equal(batch["ood_mask"][i], expected), batch["name"][i]
+    assert batch["ood_mask"][1].isnan().all() and batch["ood_mask"][2].isnan().all()  # no mask / unreadable: unknown
+    dm.setup("fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train = next(iter(dm.train_dataloader()))
+    assert set(train) == {"image", "name", "ood_mask"}
+    plain = next(iter(FolderDataModule(tmp_path / "photos", resolution=8, batch_size=4).predict_dataloader()))
+    assert set(plain) == {"image", "name"}
+    with pytest.raises(ValueError, match=r"data\.masks=.*nowhere: no such folder"):
+        FolderDataModule(tmp_path / "photos", resolution=8, masks=str(tmp_path / "nowhere"))
+
+
 def test_folder_with_alignment_aligns_once_then_reads_the_aligned_copy(tmp_path, monkeypatch):
     from tests.test_face_alignment import fake_dlib, scene
 
@@ -227,7 +256,7 @@ def test_folder_with_alignment_aligns_once_then_reads_the_aligned_copy(tmp_path,
                                                                               "alignment.json"]
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch.shape == (3, 3, 16, 16)
+    assert batch["image"].shape == (3, 3, 16, 16)
     assert [p.name for p in dm.train_set.dataset.files] == ["0.png", "1.png", "2.png"]
 
 
@@ -282,12 +311,12 @@ def test_synthfaces_clean_test_variant_and_resized_masks_stay_binary(synth_root)
         synth_dm(synth_root, test_variant="dirty")
 
 
-def test_synthfaces_training_batches_stay_plain_tensors(synth_root):
+def test_synthfaces_training_batches_are_named_image_dicts(synth_root):
     dm = synth_dm(synth_root)
     dm.setup("fit")
     assert len(dm.train_set) == 12 and len(dm.val_set) == 6
     batch = next(iter(dm.train_dataloader()))
-    assert isinstance(batch, torch.Tensor) and batch.shape == (4, 3, 32, 32)
+    assert set(batch) == {"image", "name"} and batch["image"].shape == (4, 3, 32, 32) and len(batch["name"]) == 4
 
 
 # --- Hydra configs --------------------------------------------------------------------------------------
@@ -316,7 +345,7 @@ def test_every_data_config_builds_and_gives_training_batches(compose_cfg, tmp_pa
             warnings.simplefilter("ignore")
             dm.prepare_data()
             dm.setup("fit")
-        assert next(iter(dm.train_dataloader())).shape == (2, 3, 8, 8), name
+        assert next(iter(dm.train_dataloader()))["image"].shape == (2, 3, 8, 8), name
         assert isinstance(next(iter(dm.test_dataloader())), dict), name
         weights_only_roundtrip(dm.hparams)
 

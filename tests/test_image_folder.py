@@ -19,7 +19,9 @@ def test_flat_folder_items_are_chw_float_tensors_in_range(tmp_path, make_images)
     assert [p.name for p in ds.files] == ["a.png", "b.png", "c.jpg"]
     assert len(ds) == 3
     for i in range(3):
-        x = ds[i]
+        item = ds[i]
+        assert set(item) == {"image", "name"} and item["name"] == ["a", "b", "c"][i]
+        x = item["image"]
         assert x.shape == (3, 16, 16) and x.dtype == torch.float32
         assert x.min() >= -1.0 and x.max() <= 1.0 and x.min() < 0 < x.max()
 
@@ -31,13 +33,13 @@ def test_nested_ffhq_layout_found_recursively_sorted_and_filtered(tmp_path, make
     make_images(tmp_path, [".cache/hidden.png", "00000/.hidden.png"])
     found = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
     assert found == ["00000/00000.png", "00000/00001.PNG", "01000/01000.png", "extra/deeper/x.webp", "y.JPEG"]
-    assert ImageFolderDataset(tmp_path, 8)[3].shape == (3, 8, 8)
+    assert ImageFolderDataset(tmp_path, 8)[3]["image"].shape == (3, 8, 8)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA"])
 def test_grayscale_and_rgba_become_rgb(tmp_path, make_images, mode):
     make_images(tmp_path, ["img.png"], size=(16, 16), mode=mode)
-    x = ImageFolderDataset(tmp_path, resolution=16)[0]
+    x = ImageFolderDataset(tmp_path, resolution=16)[0]["image"]
     assert x.shape == (3, 16, 16)
     source = np.asarray(Image.open(tmp_path / "img.png"))
     expected = source if mode == "L" else source[..., 0]  # no resize at 16 px: exact values
@@ -51,8 +53,8 @@ def test_palette_and_16_bit_images_load(tmp_path):
     Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "i16.png")
     ds = ImageFolderDataset(tmp_path, resolution=8)
     assert ds.files[0].name == "i16.png"
-    torch.testing.assert_close(ds[0], torch.ones(3, 8, 8))
-    assert ds[1].shape == (3, 8, 8)
+    torch.testing.assert_close(ds[0]["image"], torch.ones(3, 8, 8))
+    assert ds[1]["image"].shape == (3, 8, 8)
 
 
 def test_unreadable_files_skipped_with_one_warning_listing_them(tmp_path, make_images):
@@ -87,11 +89,11 @@ def test_value_mapping_downscale_antialiasing_and_centre_crop(tmp_path):
     wide[:, :20, 2], wide[:, 20:40, 1], wide[:, 40:, 0] = 255, 255, 255  # blue | green | red
     save(tmp_path / "d_wide.png", wide)
     ds = ImageFolderDataset(tmp_path, resolution=16)
-    torch.testing.assert_close(ds[0], torch.ones(3, 16, 16))  # upscaled constant stays exact
-    torch.testing.assert_close(ds[1], -torch.ones(3, 16, 16))
+    torch.testing.assert_close(ds[0]["image"], torch.ones(3, 16, 16))  # upscaled constant stays exact
+    torch.testing.assert_close(ds[1]["image"], -torch.ones(3, 16, 16))
     # INTER_AREA averages each 4x4 block of the checkerboard to mid-grey; nearest would give +-1
-    assert ds[2].abs().max() < 0.02
-    centre = ds[3]  # short side 20 -> 16, width 60 -> 48, centre 16 columns = the green third
+    assert ds[2]["image"].abs().max() < 0.02
+    centre = ds[3]["image"]  # short side 20 -> 16, width 60 -> 48, centre 16 columns = the green third
     assert centre.shape == (3, 16, 16)
     assert (centre[1] > 0.9).all() and (centre[0] < -0.9).all() and (centre[2] < -0.9).all()
 
@@ -102,7 +104,7 @@ def test_flip_is_random_follows_torch_seed_and_can_be_switched_off(tmp_path):
     ds = ImageFolderDataset(tmp_path, resolution=16, flip=True)
 
     def orientations():
-        return [bool(ds[0][0, 0, 0] > 0) for _ in range(24)]  # True: bright on the left (mirrored)
+        return [bool(ds[0]["image"][0, 0, 0] > 0) for _ in range(24)]  # True: bright on the left (mirrored)
 
     torch.manual_seed(0)
     first = orientations()
@@ -111,7 +113,7 @@ def test_flip_is_random_follows_torch_seed_and_can_be_switched_off(tmp_path):
     assert any(first) and not all(first)
     plain = ds.with_flip(False)
     assert plain.files is ds.files
-    assert all(plain[0][0, 0, 0] < 0 for _ in range(8))
+    assert all(plain[0]["image"][0, 0, 0] < 0 for _ in range(8))
 
 
 def make_dm(root, **kwargs):
@@ -141,11 +143,12 @@ def test_datamodule_loaders_batches_drop_last_and_no_val_flip(tmp_path, make_ima
     dm = make_dm(tmp_path, val_count=2, flip=True)
     batches = list(dm.train_dataloader())
     assert len(batches) == 2  # 8 training images, batch 3, last incomplete batch dropped
-    assert all(b.shape == (3, 3, 8, 8) and b.dtype == torch.float32 for b in batches)
+    assert all(b["image"].shape == (3, 3, 8, 8) and b["image"].dtype == torch.float32 and len(b["name"]) == 3
+               for b in batches)
     val = list(dm.val_dataloader())
-    assert [b.shape[0] for b in val] == [2]
+    assert [b["image"].shape[0] for b in val] == [2]
     assert dm.val_set.dataset.flip is False and dm.train_set.dataset.flip is True
-    torch.testing.assert_close(torch.cat(list(dm.val_dataloader())), val[0])  # fixed order, no randomness
+    torch.testing.assert_close(torch.cat([b["image"] for b in dm.val_dataloader()]), val[0]["image"])  # fixed order, no randomness
 
 
 def test_datamodule_errors_name_the_config_keys(tmp_path, make_images):

@@ -141,7 +141,7 @@ class StandInStage(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         StandInStage.steps_run += 1
-        return self.layer(batch.mean(dim=(2, 3))).pow(2).mean()
+        return self.layer(batch["image"].mean(dim=(2, 3))).pow(2).mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -15,7 +15,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import Logger  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tests.helpers.batches import image_items  # noqa: E402
 
 from callbacks.sample_grid import SampleGrid, make_grid  # noqa: E402
 from lightning_modules.gan_losses import (  # noqa: E402
@@ -39,7 +40,7 @@ def make_module(seed=0, **kwargs):
 
 def make_loader(n=4, batch_size=2):
     images = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    return DataLoader(TensorDataset(images), batch_size=batch_size, shuffle=False)
+    return DataLoader(image_items(images), batch_size=batch_size, shuffle=False)
 
 
 def make_trainer(tmp_path, max_steps, **kwargs):
@@ -276,7 +277,7 @@ def test_bad_configs_and_batches_raise_clear_errors(tmp_path):
         SampleGrid(n_samples=0)
 
     model = make_module()
-    wrong = DataLoader(TensorDataset(torch.zeros(4, 3, 8, 8)), batch_size=2)
+    wrong = DataLoader(image_items(torch.zeros(4, 3, 8, 8)), batch_size=2)
     with pytest.raises(ValueError, match=r"\(B, 3, 16, 16\).*gave \(2, 3, 8, 8\)"):
         make_trainer(tmp_path, max_steps=1).fit(model, train_dataloaders=wrong)
 

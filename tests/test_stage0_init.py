@@ -12,7 +12,8 @@ import torch  # noqa: E402
 from hydra.errors import InstantiationException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tests.helpers.batches import image_items  # noqa: E402
 
 from experiments.utils.errors import describe_user_error  # noqa: E402
 from lightning_modules.stylegan2_module import StyleGAN2Module  # noqa: E402
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def make_loader():
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    return DataLoader(TensorDataset(images), batch_size=2, shuffle=False)
+    return DataLoader(image_items(images), batch_size=2, shuffle=False)
 
 
 def make_trainer(tmp_path, max_steps, **kwargs):

@@ -9,7 +9,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+from tests.helpers.batches import image_items
 
 from callbacks.reconstruction_grid import stack_rows
 from lightning_modules.stage1_module import EncoderModule, progressive_stage_at
@@ -92,7 +93,7 @@ def test_training_lowers_the_loss_and_follows_the_schedule(generator_file, tmp_p
     with torch.no_grad():
         before = float(torch.nn.functional.mse_loss(module(x), x))
     recorder = Recorder()
-    loader = DataLoader(TensorDataset(x), batch_size=4)
+    loader = DataLoader(image_items(x), batch_size=4)
     make_trainer(tmp_path, 30, callbacks=[recorder]).fit(module, loader)
     module.eval()
     with torch.no_grad():
@@ -107,7 +108,7 @@ def test_training_lowers_the_loss_and_follows_the_schedule(generator_file, tmp_p
 def test_export_handoff_is_e4e_layout_and_reproduces_codes(generator_file, tmp_path):
     module = make_module(generator_file)
     x = images_from(generator_file, n=2)
-    make_trainer(tmp_path, 3).fit(module, DataLoader(TensorDataset(x), batch_size=2))
+    make_trainer(tmp_path, 3).fit(module, DataLoader(image_items(x), batch_size=2))
     path = module.export_handoff(tmp_path)
     assert path == tmp_path / "encoder.pt"
     raw = torch.load(path, weights_only=True)
@@ -133,7 +134,7 @@ def test_psp_variant_trains_without_deltas(generator_file, tmp_path):
     module = make_module(generator_file, encoder=dict(ENC_CFG, kind="psp"), delta_norm_lambda=0.0,
                          w_discriminator_lambda=0.0, progressive_start=None)
     x = images_from(generator_file, n=2)
-    make_trainer(tmp_path, 2).fit(module, DataLoader(TensorDataset(x), batch_size=2))
+    make_trainer(tmp_path, 2).fit(module, DataLoader(image_items(x), batch_size=2))
     assert module.w_discriminator is None
     path = module.export_handoff(tmp_path)
     assert torch.load(path, weights_only=True)["opts"]["encoder_type"] == "GradualStyleEncoder"
@@ -144,7 +145,7 @@ def test_bad_inputs_fail_clearly(generator_file, tmp_path):
         make_module(tmp_path / "nowhere.pt")
     strict = make_module(generator_file, allow_resize=False)
     with pytest.raises(ValueError, match=r"images are \(8, 8\).*data.resolution=16"):
-        strict.training_step(torch.zeros(2, 3, 8, 8), 0)
+        strict.training_step({"image": torch.zeros(2, 3, 8, 8), "name": ["a", "b"]}, 0)
     with pytest.warns(UserWarning, match=r"resizing \(8, 8\) images to the generator's 16x16"):
         assert make_module(generator_file)._check_images(torch.zeros(2, 3, 8, 8)).shape == (2, 3, 16, 16)
     with pytest.raises((FileNotFoundError, ValueError), match="backbone_weights"):
@@ -215,7 +216,7 @@ def test_ddp_two_cpu_processes_keep_encoders_in_sync(generator_file, tmp_path):
     x = images_from(generator_file, n=8)
     trainer = make_trainer(tmp_path, 3, devices=2, strategy="ddp_spawn_find_unused_parameters_true",
                            callbacks=[EncoderRankCheck(tmp_path)])
-    trainer.fit(module, DataLoader(TensorDataset(x), batch_size=2))
+    trainer.fit(module, DataLoader(image_items(x), batch_size=2))
     for rank in (0, 1):  # 3 counted steps (discriminator steps are not counted), identical weights on both ranks
         assert (tmp_path / f"rank{rank}.txt").read_text() == "3 True"
     assert any(not torch.equal(before[k], v) for k, v in module.encoder.state_dict().items())

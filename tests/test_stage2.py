@@ -3,7 +3,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+from tests.helpers.batches import image_items
 
 from datamodules.ood_patches import paste_random_patches
 from lightning_modules.stage2_module import AlignMaskModule
@@ -54,7 +55,7 @@ def test_training_lowers_the_loss_and_the_hand_off_reloads(stage1_file, tmp_path
     x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         first, _ = module._losses(x, module.net(module.generator, *module.encode(x), x, active_levels=[8, 16]))
-    trainer(tmp_path, 12).fit(module, DataLoader(TensorDataset(x), batch_size=4))
+    trainer(tmp_path, 12).fit(module, DataLoader(image_items(x), batch_size=4))
     with torch.no_grad():
         last, parts = module._losses(x, module.net(module.generator, *module.encode(x), x, active_levels=[8, 16]))
     assert last < first
@@ -137,7 +138,7 @@ def test_editing_blends_the_edit_against_the_input(stage1_file):
 def test_training_with_pasted_patches(stage1_file, tmp_path):
     module = make_module(stage1_file, train_patches=dict(p=1.0, max_patches=2, area=[0.05, 0.1]))
     x = torch.rand(4, 3, 64, 64) * 2 - 1
-    trainer(tmp_path, 2).fit(module, DataLoader(TensorDataset(x), batch_size=4))
+    trainer(tmp_path, 2).fit(module, DataLoader(image_items(x), batch_size=4))
     assert module.global_step == 2
 
 
@@ -159,7 +160,7 @@ def test_patch_supervision_is_the_bce_of_the_fused_mask_against_the_pasted_patch
     grads = torch.autograd.grad(with_term - without, [p for p in module.net.parameters() if p.requires_grad],
                                 allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
-    trainer(tmp_path, 2).fit(module, DataLoader(TensorDataset(x), batch_size=4))
+    trainer(tmp_path, 2).fit(module, DataLoader(image_items(x), batch_size=4))
     assert torch.isfinite(module.trainer.callback_metrics["train/patch_bce"])
 
 
@@ -247,7 +248,7 @@ def test_official_recipe_composes_and_trains_on_a_tiny_model(compose_cfg, stage1
 
     module.generator.synthesize = spy
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    trainer(tmp_path, 2).fit(module, DataLoader(TensorDataset(x), batch_size=2))
+    trainer(tmp_path, 2).fit(module, DataLoader(image_items(x), batch_size=2))
     assert module.global_step == 2
     assert noises and all(n == [None] * module.generator.num_layers for n in noises)  # fresh noise, every layer
     metrics = module.trainer.callback_metrics
@@ -295,7 +296,7 @@ def test_official_and_our_noise_discriminator_and_encoder_resize_options(stage1_
         count = []
         synthesize = module.generator.synthesize
         module.generator.synthesize = lambda *a, **k: (count.append(1), synthesize(*a, **k))[1]
-        trainer(tmp_path / forward, 3, limit_val_batches=0).fit(module, DataLoader(TensorDataset(x), batch_size=2))
+        trainer(tmp_path / forward, 3, limit_val_batches=0).fit(module, DataLoader(image_items(x), batch_size=2))
         calls[forward] = len(count)
     assert calls == {"separate": 6, "shared": 3}
 

@@ -212,7 +212,7 @@ def test_labelled_datamodule_batches_match_the_files(tiny_dataset):
     batch = next(iter(dm.val_dataloader()))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].min() >= -1 and batch["image"].max() <= 1
     assert batch["labels"].shape == (4, len(FACTOR_NAMES)) and batch["parts"].dtype == torch.int64
-    assert batch["index"].tolist() == [32, 33, 34, 35]
+    assert batch["index"].tolist() == [32, 33, 34, 35] and batch["name"] == ["00032", "00033", "00034", "00035"]
     labels = json.loads((tiny_dataset / "labels.json").read_text())
     assert batch["labels"][1, FACTOR_NAMES.index("smile")].item() == pytest.approx(labels["00033"]["smile"])
     assert len(dm.dataset("train")) == 32 and dm.dataset("test").indices == [36, 37, 38, 39]
