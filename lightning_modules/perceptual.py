@@ -6,6 +6,10 @@ run time, which cannot happen here. ``LPIPSLoss`` builds the network without tha
 (``alexnet-owt-7be5be79.pth`` / ``vgg16-397923af.pth``, keys ``features.N.*``). Without a file it
 refuses, unless the caller opts in to a random backbone: the numbers are then named "lpips-random"
 (never LPIPS) and the random backbone is seeded, so runs stay comparable to each other.
+
+``net="synthfaces"`` is the domain's own distance (``networks.domain_perceptual.FeatureLPIPS``, named
+"lpips-synthfaces"): the same computation on the taps of the SynthFaces attribute classifier, read from
+``backbone_weights`` (``attribute_classifier.pt``), with uniform instead of learned linear heads.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from torch import nn
 from networks.checkpoints import safe_load
 
 Tensor = torch.Tensor
-NETS = ("alex", "vgg")
+NETS = ("alex", "vgg", "synthfaces")
 RANDOM_BACKBONE_SEED = 0
 MIN_SIZE = 32  # smaller images are upsampled to this side first
 
@@ -47,9 +51,10 @@ class LPIPSLoss(nn.Module):
     """Per-image LPIPS distance, optionally averaged inside a mask (DHR's masked LPIPS).
 
     Args:
-        net: "alex" or "vgg" (the lpips v0.1 linear heads for both ship with the package).
-        backbone_weights: torchvision ImageNet state dict of that backbone; required unless
-            ``allow_random_backbone``.
+        net: "alex" or "vgg" (the lpips v0.1 linear heads for both ship with the package), or "synthfaces" (the
+            domain distance on the SynthFaces attribute classifier, see the module docstring).
+        backbone_weights: torchvision ImageNet state dict of that backbone (for "synthfaces": the
+            ``attribute_classifier.pt`` file); required unless ``allow_random_backbone`` (alex / vgg only).
         allow_random_backbone: without ``backbone_weights``, use a seeded random backbone (warns;
             ``metric_name`` becomes "lpips-random").
         key: config key named in errors.
@@ -65,6 +70,9 @@ class LPIPSLoss(nn.Module):
         super().__init__()
         if net not in NETS:
             raise ValueError(f"LPIPSLoss: net must be one of {NETS}, got {net!r} ({key.rsplit('.', 1)[0]}.net)")
+        if net == "synthfaces":
+            self._build_domain_net(backbone_weights, key)
+            return
         import lpips
 
         if backbone_weights is None and not allow_random_backbone:
@@ -88,6 +96,19 @@ class LPIPSLoss(nn.Module):
             self.metric_name = "lpips-random"
         self.net.eval().requires_grad_(False)
         self.net_name = net
+
+    def _build_domain_net(self, backbone_weights: Optional[str], key: str) -> None:
+        from networks.domain_perceptual import FeatureLPIPS
+        from networks.synthfaces_nets import load_attribute_classifier
+
+        if backbone_weights is None:
+            raise ValueError(f"LPIPS with net=synthfaces needs the SynthFaces attribute classifier: set {key}=PATH "
+                             f"(experiments/weights/synthfaces/attribute_classifier.pt); it has no random variant")
+        path = Path(backbone_weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}={path}: no such file (the SynthFaces attribute_classifier.pt)")
+        self.net = FeatureLPIPS(load_attribute_classifier(path))
+        self.metric_name, self.net_name = "lpips-synthfaces", "synthfaces"
 
     def _load_backbone(self, path: Path, key: str) -> None:
         if not path.is_file():

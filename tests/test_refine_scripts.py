@@ -60,3 +60,31 @@ def test_benchmark_report_runs_every_method_on_the_same_images(files, tmp_path, 
     assert all(len((out / f"{m}.csv").read_text().strip().splitlines()) == 5 for m in result["means"])
     assert [p.name for p in result["plots"]] == ["quality_vs_time.png", "iou_by_family.png", "by_family.png"]
     assert all(p.stat().st_size > 1000 for p in result["plots"])
+
+
+def test_refine_calibration_reports_schedules_pti_and_feature_only_and_chooses_by_the_rule(files, tmp_path,  # noqa: F811
+                                                                                          capsys):
+    from datamodules.synthfaces import write_dataset
+    from experiments.calibrate_refine import choose, main, parse_schedule
+
+    data = write_dataset(tmp_path / "sf", n=24, size=64, seed=0, n_eval=4, log=lambda _: None)
+    result = main(["--data", str(data), "--encoder", files["encoder"], "--direction", files["direction"],
+                   "--classifier", files["classifier"], "--n", "3", "--batch", "2", "--feature-resolution", "8",
+                   "--schedules", "2:1.5e-3:3,4:1e-3:4", "--pti-steps", "3", "--feature-only-steps", "3"])
+    text = capsys.readouterr().out
+    rows = result["rows"]
+    assert [(r["method"], r["schedule"]) for r in rows] == [("dhr", "2:1.5e-3:3"), ("dhr", "4:1e-3:4"),
+                                                            ("pti", "3:3e-4:0"), ("feature_only", "0:-:3")]
+    assert all(r["psnr"] > 0 and 0 <= r["edit_success"] <= 1 for r in rows)
+    assert result["best"] is choose(rows, 0.9)
+    assert "| dhr" in text and "| pti | 3:3e-4:0 |" in text and "| feature_only | 0:-:3 |" in text
+    # the rule: highest PSNR among the schedules that edit >= 0.9 x PTI; none -> keep the official schedule
+    table = [{"method": "dhr", "schedule": "a", "psnr": 30.0, "edit_success": 0.2},
+             {"method": "dhr", "schedule": "b", "psnr": 28.0, "edit_success": 0.5},
+             {"method": "dhr", "schedule": "c", "psnr": 27.0, "edit_success": 0.6},
+             {"method": "pti", "schedule": "p", "psnr": 26.0, "edit_success": 0.5}]
+    assert choose(table, 0.9)["schedule"] == "b"
+    assert choose(table[:1] + table[3:], 0.9) is None
+    assert parse_schedule("350:3e-4:350") == {"weight_steps": 350, "weight_lr": 3e-4, "feature_steps": 350}
+    with pytest.raises(ValueError, match="--schedules: '50:0:100'"):
+        parse_schedule("50:0:100")
