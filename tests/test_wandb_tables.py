@@ -223,6 +223,11 @@ def test_dhr_test_table_has_picture_columns(files, compose_cfg, tmp_path, monkey
     means = summary(path)
     assert means["test_mean/psnr"] == pytest.approx(np.mean([r["psnr"] for r in rows]))
     assert config(path)["model"]["method"] == "ood_blend"
+    # the README's picture of the table, drawn from the same logged files
+    from experiments.wandb_table_picture import draw
+
+    picture = Image.open(draw(tmp_path / "run", tmp_path / "table.png", rows=2))
+    assert picture.size[0] > picture.size[1] > 100
 
 
 def test_stage2_validation_and_test_tables_have_pictures(files, compose_cfg, tmp_path, monkeypatch):
