@@ -10,6 +10,7 @@ of the error-superpixel mask (1 - in-domain, parser OOD classes left out) agains
 and the best one.
 
     python experiments/calibrate_segmentation.py --n 64            # SynthFaces, shipped weights
+    python experiments/calibrate_segmentation.py --n 64 --lpips synthfaces   # error maps from lpips-synthfaces
 Prints a Markdown table; the chosen thresholds go into the experiment config (model.segmentation.thresholds).
 """
 from __future__ import annotations
@@ -50,6 +51,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=40, help="coarse W projection steps (official 40)")
     parser.add_argument("--n-segments", type=int, default=100)
     parser.add_argument("--scales", default="0.02,0.04,0.06,0.08,0.1,0.12,0.15,0.2")
+    parser.add_argument("--lpips", default="random-alex", choices=("random-alex", "synthfaces"),
+                        help="the error-map net: the +exp=dhr one (random AlexNet) or lpips-synthfaces")
+    parser.add_argument("--classifier", default=str(WEIGHTS / "attribute_classifier.pt"),
+                        help="the attribute classifier behind --lpips synthfaces")
     args = parser.parse_args(argv)
 
     seg = segmentation_settings({**SYNTHFACES_DSS, "parser": args.parser, "thresholds": OFFICIAL,
@@ -57,7 +62,9 @@ def main(argv=None) -> dict:
                                  "coarse": {**SYNTHFACES_DSS["coarse"], "steps": args.steps}})
     stage1 = load_e4e_checkpoint(Path(args.encoder).expanduser())
     generator = stage1.generator.eval().requires_grad_(False)
-    lpips = LPIPSLoss(allow_random_backbone=True)  # SYNTHFACES_DSS shares the refinement's net (model.lpips)
+    # SYNTHFACES_DSS shares the refinement's net (model.lpips): random AlexNet, or the domain distance
+    lpips = (LPIPSLoss(net="synthfaces", backbone_weights=args.classifier) if args.lpips == "synthfaces"
+             else LPIPSLoss(allow_random_backbone=True))
     parser, class_ids = load_parser(seg["parser_kind"], seg["parser"], seg["classes"], set(OFFICIAL))
     segmenter = DomainSegmenter(generator, stage1.latent_avg.float(), seg, perceptual=lpips, parser=parser,
                                 class_ids=class_ids)

@@ -40,6 +40,19 @@ def test_calibration_reports_every_scale(setup, capsys):
     assert "| 0.05" in text and "| 0.1" in text and all(0 <= r[1] <= 1 for r in result["rows"])
 
 
+def test_calibration_with_the_domain_distance(setup, tmp_path, capsys):
+    from experiments.calibrate_segmentation import main
+    from networks.synthfaces_nets import AttributeClassifier
+
+    classifier = save_aux_net(tmp_path / "classifier.pt", AttributeClassifier(resolution=32, widths=(4, 4, 4),
+                                                                             feature_dim=8))
+    result = main(["--data", setup["data"], "--encoder", setup["encoder"], "--parser", setup["parser"], "--n", "4",
+                   "--steps", "2", "--n-segments", "10", "--scales", "0.05,0.5", "--lpips", "synthfaces",
+                   "--classifier", str(classifier)])
+    assert "Error map (lpips lpips-synthfaces)" in capsys.readouterr().out
+    assert [r[0] for r in result["rows"]] == [0.05, 0.5]
+
+
 def test_benchmark_report_runs_every_method_on_the_same_images(files, tmp_path, capsys):  # noqa: F811
     from experiments.benchmark import main
 
