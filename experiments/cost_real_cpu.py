@@ -145,23 +145,38 @@ def measure_dhr(batch: int, files: Dict[str, str]) -> Dict[str, float]:
                            f"{len(timed)}")
     out: Dict[str, float] = {"batch": batch, "load_average": [load, os.getloadavg()[0]], "peak_rss_gib": peak_rss_gib()}
     for k, kind in enumerate(("wall", "cpu")):
-        t = [v[k] for v in timed]
-        gaps = [b - a for a, b in zip(t, t[1:])]
-        step = {"coarse": statistics.median(gaps[:coarse - 1]),
-                "both": statistics.median(gaps[coarse:coarse + weight]),
-                "feature": statistics.median(gaps[coarse + weight:])}
-        total = c.wall if kind == "wall" else c.cpu
-        fixed = total - coarse * step["coarse"] - weight * step["both"] - (steps - weight) * step["feature"]
-        full = fixed + sum(OFFICIAL_STEPS[name] * step[name] for name in OFFICIAL_STEPS)
-        out.update({f"{kind}_short_run_s": total, f"{kind}_fixed_s": fixed, f"{kind}_full_s": full,
-                    f"{kind}_full_s_per_image": full / batch})
-        out.update({f"{kind}_{name}_step_s": v for name, v in step.items()})
+        est = extrapolate_dhr([v[k] for v in timed], c.wall if kind == "wall" else c.cpu, coarse, weight, feature)
+        out.update({f"{kind}_short_run_s": est["total"], f"{kind}_fixed_s": est["fixed"], f"{kind}_full_s": est["full"],
+                    f"{kind}_full_s_per_image": est["full"] / batch})
+        out.update({f"{kind}_{name}_step_s": est[name] for name in OFFICIAL_STEPS})
     return out
 
 
-def measure_bytes() -> Dict[str, float]:
-    """Parameter counts of the 1024 px config-f generator and the bytes autograd saves for the backward of one DHR
-    step at batch 1: the synthesis with per-sample weights (``expand_params``) and f* swapped in at the 128 px block's
+def extrapolate_dhr(starts: Sequence[float], total: float, coarse: int, weight: int, feature: int,
+                    official: Dict[str, int] = OFFICIAL_STEPS) -> Dict[str, float]:
+    """A short DHR run extrapolated to the official step counts.
+
+    starts: the clock at the start of each synthesis with gradients, ``coarse`` coarse steps then
+    max(weight, feature) refinement steps; total: the run's whole time on that clock. The median gap between
+    consecutive starts of each kind is that kind's step time ("coarse", "both" = weights and f*, "feature" = f*
+    only; the gap that crosses from one kind to the next is left out); "fixed" = total minus the steps;
+    "full" = fixed + ``official`` x the step times.
+    """
+    steps = max(weight, feature)
+    if len(starts) != coarse + steps or coarse < 2 or weight < 1 or feature - weight < 2:
+        raise ValueError(f"extrapolate_dhr: need coarse >= 2, weight >= 1, feature >= weight + 2 and one start per "
+                         f"step ({coarse} + {steps}), got {len(starts)} starts for ({coarse}, {weight}, {feature})")
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    step = {"coarse": statistics.median(gaps[:coarse - 1]), "both": statistics.median(gaps[coarse:coarse + weight]),
+            "feature": statistics.median(gaps[coarse + weight:])}
+    fixed = total - coarse * step["coarse"] - weight * step["both"] - (steps - weight) * step["feature"]
+    return {**step, "total": total, "fixed": fixed,
+            "full": fixed + sum(official[name] * step[name] for name in official)}
+
+
+def measure_bytes(size: int = 1024) -> Dict[str, float]:
+    """Parameter counts of the config-f generator at ``size`` (1024 px) and the bytes autograd saves for the backward
+    of one DHR step at batch 1: the synthesis with per-sample weights (``expand_params``) and f* swapped in at the 128 px block's
     output (``Generator.next_block_input``), LPIPS-Alex masked per layer and the masked MSE, as
     ``networks/refine/hybrid.py`` computes them. The tuned leaves themselves (weights, f*) are not counted."""
     import torch.nn.functional as F
@@ -170,12 +185,12 @@ def measure_bytes() -> Dict[str, float]:
     from networks.stylegan2 import Generator, call_with_params, expand_params
 
     torch.manual_seed(0)
-    g = Generator(1024, 512, 8, channel_multiplier=2).eval()
+    g = Generator(size, 512, 8, channel_multiplier=2).eval()
     lpips = LPIPSLoss("alex", allow_random_backbone=True)
     codes = torch.randn(1, g.n_latent, 512) * 0.5
-    images = photo_batch(1)
-    in_domain = torch.ones(1, 1, 1024, 1024)
-    in_domain[..., 600:, 300:700] = 0
+    images = photo_batch(1, size)
+    in_domain = torch.ones(1, 1, size, size)
+    in_domain[..., size * 600 // 1024:, size * 300 // 1024:size * 700 // 1024] = 0
     point = g.next_block_input(g.size // 8)  # the official feature_idx 11: convs.10.in at 1024 px
     mask_r = F.adaptive_avg_pool2d(in_domain, (g.size // 8, g.size // 8))
     noise = [n.detach() for n in g.stored_noise()]
