@@ -74,14 +74,14 @@ def test_a_file_the_rehearsal_does_not_build_is_named():
         documented_command(EXP / "dhr.yaml", "nope")
 
 
-def test_celebahq_files_put_two_images_in_the_official_test_split(tmp_path):
+def test_celebahq_files_put_one_image_in_the_official_test_split(tmp_path):
     from datamodules.celebahq import celebahq_splits
     from experiments.rehearse_real import build_data
 
     data = build_data(tmp_path)
     splits = celebahq_splits(data["mapping"], data["partition"])
-    assert splits == {"train": [0, 2], "val": [4], "test": [1, 3]}
-    assert data["test_names"] == ["1", "3"] and len(CELEBAHQ) == 5
+    assert splits == {"train": [0, 2, 3], "val": [4], "test": [1]}
+    assert data["test_names"] == ["1"] and len(CELEBAHQ) == 5
     assert sorted(p.name for p in data["celebahq_images"].iterdir()) == [f"{i}.jpg" for i in range(5)]
 
 
