@@ -1,7 +1,9 @@
 """Per-image results of ``mode=invert``: files on disk, one folder per image, resumable; a Lightning
-``BasePredictionWriter`` (``write_interval="batch"``): the stage module's ``predict_step`` returns what to write
-(``RefineModule.predict_step``) and ``write_on_batch_end`` writes it; at the end of ``trainer.predict`` every rank
-waits for the others, then rank zero writes the manifest.
+``BasePredictionWriter`` (``write_interval="batch"``) that ``experiments/run.py`` builds for ``mode=invert`` and
+hands to the Trainer. The stage module (``lightning_modules.contracts.WritesInversions``) only returns results:
+at predict start the writer gives it ``is_finished`` (which images an earlier run finished, skipped), its
+``predict_step`` returns what to write (``RefineModule.predict_step``) and ``write_on_batch_end`` writes it; at the
+end of ``trainer.predict`` every rank waits for the others, then rank zero writes the manifest.
 
 Layout under ``out_dir`` (``name`` = the image's path relative to the input folder, without extension)::
 
@@ -9,7 +11,7 @@ Layout under ``out_dir`` (``name`` = the image's path relative to the input fold
     <name>/edits/<edit>_<strength>.png     every configured edit, decoded the way the method decodes
     <name>/latent.pt                       W+ code (L, D)
     <name>/refine_state.pt                 what re-editing needs (f*, masks, weight delta in bf16 by default)
-    <name>/metrics.json                    only when a ground-truth OOD mask exists
+    <name>/metrics.json                    only when the batch holds the image's ground-truth OOD mask (masks=DIR)
     <name>/record.json                     written last: status ok | failed, and the settings that made it
     manifest.json                          every record and the skipped input files, rebuilt after each run
 
@@ -24,14 +26,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
-from pytorch_lightning.utilities import rank_zero_warn
 
 from callbacks.images import grid_to_pil, save_png
+from lightning_modules.contracts import WritesInversions
 from lightning_modules.metrics import image_metrics, mask_metrics
 from networks.checkpoints import TMP_SUFFIX, atomic_target, plain_containers, save_atomic
 
@@ -76,40 +77,17 @@ def failure_reason(state, j: int) -> str:
     return "the refinement loss became NaN / inf; the image was stopped"
 
 
-def read_ground_truth_mask(masks_dir: Optional[str], name: str, size: Tuple[int, int],
-                           what: str = "gets no metrics.json") -> Optional[Tensor]:
-    """The ground-truth OOD mask ``<masks_dir>/<name>.png`` (white = OOD) as (1, 1, H, W) float in {0, 1} at
-    ``size`` (H, W) (nearest resize); None without ``masks_dir`` or the file, or when it cannot be read (warns:
-    ``name`` then ``what``)."""
-    if not masks_dir:
-        return None
-    path = Path(masks_dir).expanduser() / f"{name}.png"
-    if not path.is_file():
-        return None
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            gt = torch.from_numpy(np.asarray(im.convert("L").resize(tuple(size)[::-1], Image.NEAREST)) >= 128)
-    except (OSError, ValueError) as err:
-        rank_zero_warn(f"masks: cannot read the ground-truth mask {path} ({type(err).__name__}: {err}); "
-                       f"{name!r} {what}")
-        return None
-    return gt.float().view(1, 1, *size)
-
-
-def ground_truth_metrics(masks_dir: Optional[str], name: str, x: Tensor, out: Tensor,
-                         ood_mask: Optional[Tensor]) -> Optional[Dict[str, float]]:
+def ground_truth_metrics(x: Tensor, out: Tensor, ood_mask: Optional[Tensor],
+                         truth: Optional[Tensor]) -> Optional[Dict[str, float]]:
     """Per-image metrics of output ``out`` (1, 3, S, S) against input ``x`` (1, 3, S, S) in and out of the ground-truth
-    mask ``<masks_dir>/<name>.png`` (white = OOD), and of the predicted ``ood_mask`` (1, 1, S, S) against it; None
-    without a mask (a corrupt mask file warns and costs only this image's metrics)."""
-    gt = read_ground_truth_mask(masks_dir, name, tuple(x.shape[-2:]))
-    if gt is None:
+    OOD mask ``truth`` (1, 1, S, S), 1 = OOD (the batch's ``ood_mask``), and of the predicted ``ood_mask``
+    (1, 1, S, S) against it; None without a ground truth (None, or all-NaN: the image has no readable mask)."""
+    if truth is None or not bool(torch.isfinite(truth).all()):
         return None
-    gt = gt.to(x.device)
-    metrics = {k: float(v[0]) for k, v in image_metrics(out, x, gt).items()}
+    truth = truth.to(x.device)
+    metrics = {k: float(v[0]) for k, v in image_metrics(out, x, truth).items()}
     if ood_mask is not None:
-        metrics.update({k: float(v[0]) for k, v in mask_metrics(ood_mask, gt).items()})
+        metrics.update({k: float(v[0]) for k, v in mask_metrics(ood_mask, truth).items()})
     return metrics
 
 
@@ -124,14 +102,12 @@ class InversionWriter(BasePredictionWriter):
 
     Args:
         out_dir: the output folder.
-        settings: what defines a result (``RefineModule.result_settings()``), stored in every record.
-        masks_dir: optional ground-truth OOD masks (``<masks_dir>/<name>.png``, white = OOD): per-image metrics.
+        settings: what defines a result (the module's ``result_settings()``), stored in every record.
     """
 
-    def __init__(self, out_dir, settings: Optional[Mapping[str, Any]] = None, masks_dir: Optional[str] = None):
+    def __init__(self, out_dir, settings: Optional[Mapping[str, Any]] = None):
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir).expanduser()
-        self.masks_dir = masks_dir
         # what defines a result (method, checkpoints, refinement, segmentation, edits): stored in every record
         self.settings: Dict[str, Any] = plain_containers(dict(settings or {}))
 
@@ -229,12 +205,19 @@ class InversionWriter(BasePredictionWriter):
                                                      "failed": failed, "skipped": list(skipped), "records": records})
 
     # ------------------------------------------------------------------ Lightning hooks
+    def on_predict_start(self, trainer, pl_module) -> None:
+        """Hands the module ``is_finished`` (``is_done``): it skips the images an earlier run finished."""
+        if not isinstance(pl_module, WritesInversions):
+            raise TypeError(f"InversionWriter: {type(pl_module).__name__} does not write inversions (it needs the "
+                            f"lightning_modules.contracts.WritesInversions members)")
+        pl_module.is_finished = self.is_done
+
     def write_on_batch_end(self, trainer, pl_module, prediction: Optional[Mapping[str, Any]], batch_indices,
                            batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Write one ``predict_step`` output: {"invalid": [names of inputs with NaN / inf], "names": [B names],
         "extra": record fields, "images" (B, 3, S, S), "result": the method's result (``output``, ``codes``,
-        ``ood_mask``, ``state``), "edits": {edit: (B, 3, S, S)}, "states": [B state dicts or None]}; None = nothing
-        to do (every image finished)."""
+        ``ood_mask``, ``state``), "edits": {edit: (B, 3, S, S)}, "states": [B state dicts or None], "ground_truth":
+        the batch's OOD masks (B, 1, S, S) of those images or None}; None = nothing to do (every image finished)."""
         if prediction is None:
             return
         for name in prediction["invalid"]:
@@ -243,7 +226,7 @@ class InversionWriter(BasePredictionWriter):
         if not prediction["names"]:
             return
         x, result, extra = prediction["images"], prediction["result"], prediction["extra"]
-        state, ood = result["state"], result["ood_mask"]
+        state, ood, truth = result["state"], result["ood_mask"], prediction.get("ground_truth")
         for j, name in enumerate(prediction["names"]):
             if state is not None and bool(state.failed[j]):
                 self.write(name, {}, {}, result["codes"][j], None, status="failed", extra=extra,
@@ -252,8 +235,9 @@ class InversionWriter(BasePredictionWriter):
             images = {"input": x[j], "reconstruction": result["output"][j]}
             if ood is not None:
                 images["ood_mask"] = ood[j]
-            metrics = ground_truth_metrics(self.masks_dir, name, x[j:j + 1], result["output"][j:j + 1],
-                                           ood[j:j + 1] if ood is not None else None)
+            metrics = ground_truth_metrics(x[j:j + 1], result["output"][j:j + 1],
+                                           ood[j:j + 1] if ood is not None else None,
+                                           truth[j:j + 1] if truth is not None else None)
             try:
                 self.write(name, images, {k: v[j] for k, v in prediction["edits"].items()}, result["codes"][j],
                            prediction["states"][j], metrics=metrics, extra=extra)
@@ -268,6 +252,8 @@ class InversionWriter(BasePredictionWriter):
         hook on a rank whose predict loop has no batch, and the barrier would wait forever."""
         if stage != "predict":
             return
+        if isinstance(pl_module, WritesInversions):
+            pl_module.is_finished = None
         trainer.strategy.barrier("inversion_manifest")
         if trainer.is_global_zero:
             self.write_manifest()

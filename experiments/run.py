@@ -56,6 +56,7 @@ from experiments.utils import (  # noqa: E402
     report_user_errors,
 )
 from callbacks.handoff_artifact import log_handoff_artifact  # noqa: E402
+from callbacks.inversion_writer import InversionWriter  # noqa: E402
 from lightning_modules.contracts import KeepsTestTable, SummarisesTests, WritesInversions  # noqa: E402
 from experiments.utils.chain import run_chain  # noqa: E402
 from experiments.utils.cli import available_exps, check_command_line  # noqa: E402
@@ -152,10 +153,14 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
     # Build everything before touching the run directory: a bad setting fails without side effects.
     datamodule = invert_datamodule(cfg) if mode == "invert" else hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
-    if mode == "invert" and not (isinstance(model, WritesInversions) and model.writer is not None):
+    if mode == "invert" and not isinstance(model, WritesInversions):
         raise UserError(f"mode=invert runs a stage-3 experiment (+exp=dhr, pti, feature_only, ...); "
                         f"{type(model).__name__} does not write inversions.")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    writer = None
+    if mode == "invert":  # the per-image writer: a callback; the module only returns results (WritesInversions)
+        writer = InversionWriter(str(cfg.output), model.result_settings())
+        callbacks.append(writer)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     with_wandb = any(type(lg).__name__ == "WandbLogger" for lg in loggers)
@@ -163,8 +168,8 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
         check_previous_metrics(cfg, run_dir, overwrite=bool(cfg.overwrite))
     if mode == "invert":
         check_enough_images(cfg.input, trainer.world_size)
-        check_writable(model.writer.out_dir, "output")
-        redo = check_settings(model.writer, redo=bool(cfg.overwrite))
+        check_writable(writer.out_dir, "output")
+        redo = check_settings(writer, redo=bool(cfg.overwrite))
         if redo and is_zero:
             log.warning(f"overwrite=true: {len(redo)} image(s) made with other settings are done again")
 
@@ -186,9 +191,9 @@ def run_stage(cfg: DictConfig, run_dir: Path, command: list[str]) -> Path | None
         evaluate(trainer, model, datamodule, run_dir, ckpt_path=str(ckpt_path) if ckpt_path else None)
         return None
     if mode == "invert":
-        own_lock = is_zero and model.writer.out_dir.resolve() != run_dir  # the run directory is locked already
-        with run_dir_lock(model.writer.out_dir, enabled=own_lock, what="Output folder", key="output"):
-            return invert(trainer, model, datamodule)
+        own_lock = is_zero and writer.out_dir.resolve() != run_dir  # the run directory is locked already
+        with run_dir_lock(writer.out_dir, enabled=own_lock, what="Output folder", key="output"):
+            return invert(trainer, model, datamodule, writer)
     # a crash or Ctrl-C leaves fit() by an exception / SystemExit; main()'s RankFailureGuard prints how to continue
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     path = None
@@ -222,10 +227,11 @@ def log_used_handoffs(cfg: DictConfig) -> None:
 
 def invert_datamodule(cfg: DictConfig):
     """`mode=invert`: a FolderDataModule over `input` (every PNG / JPEG / WebP image; FFHQ-aligned first with
-    `align=true`), at the generator's size."""
+    `align=true`), at the generator's size; with `masks=DIR` its batches carry the ground-truth `ood_mask`."""
     check_invert_input(cfg)
     spec = OmegaConf.load(CONFIG_DIR / "data" / "folder.yaml")
     spec.root, spec.align, spec.resolution = str(Path(cfg.input).expanduser()), bool(cfg.get("align")), cfg.generator.size
+    spec.masks = str(Path(str(cfg.masks)).expanduser()) if cfg.get("masks") else None
     spec.batch_size, spec.num_workers = cfg.data.batch_size, min(int(cfg.data.get("num_workers", 0)), 2)
     return hydra.utils.instantiate(spec)
 
@@ -240,13 +246,14 @@ def check_enough_images(input_dir: str, processes: int) -> None:
                         f"(e.g. trainer=cpu) for fewer images than processes.")
 
 
-def invert(trainer, model, datamodule) -> Path:
-    """`trainer.predict` writes every unfinished image's folder; rank zero prints the manifest's counts."""
+def invert(trainer, model, datamodule, writer) -> Path:
+    """`trainer.predict` with the `InversionWriter` callback `writer` writes every unfinished image's folder; rank zero
+    prints the manifest's counts."""
     trainer.predict(model, datamodule=datamodule, return_predictions=False)
-    out = model.writer.out_dir
+    out = writer.out_dir
     if trainer.is_global_zero:
-        manifest = model.writer.write_manifest(skipped=unreadable_inputs(datamodule))
-        records = model.writer.records()
+        manifest = writer.write_manifest(skipped=unreadable_inputs(datamodule))
+        records = writer.records()
         failed = [r for r in records if r["status"] != "ok"]
         print(f"Inverted {len(records) - len(failed)} image(s) into {out} (manifest: {manifest})")
         for r in failed:

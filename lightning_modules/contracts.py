@@ -2,7 +2,7 @@
 ``isinstance`` instead of probing attributes one by one. A stage offers a contract by having its members."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Protocol, TypedDict, runtime_checkable
+from typing import Any, Callable, Dict, List, Optional, Protocol, TypedDict, runtime_checkable
 
 
 @runtime_checkable
@@ -22,10 +22,13 @@ class SummarisesTests(Protocol):
 
 @runtime_checkable
 class WritesInversions(Protocol):
-    """A stage that runs ``mode=invert``: ``writer`` is its ``callbacks.inversion_writer.InversionWriter`` (None
-    without an output folder) and ``result_settings()`` what defines a result."""
+    """A stage that runs ``mode=invert``: its ``predict_step`` returns per-image results (the layout that
+    ``callbacks.inversion_writer.InversionWriter.write_on_batch_end`` reads) and writes nothing itself. run.py builds
+    the writer with ``result_settings()`` (what defines a result, stored in every record) and hands it to the Trainer;
+    at predict start the writer sets ``is_finished`` (image name -> finished by an earlier run with the same settings:
+    skip it), None outside ``trainer.predict``."""
 
-    writer: Any
+    is_finished: Optional[Callable[[str], bool]]
 
     def result_settings(self) -> Dict[str, Any]: ...
 

@@ -3,19 +3,19 @@
 Nothing is trained: each batch is inverted by a per-image test-time procedure, a ``networks.refine.methods``
 object chosen by ``method`` (e4e | pti | feature_only | ood_blend | dhr; built from the config by
 ``lightning_modules.stage3_build``), run by ``trainer.test`` (metrics against the input, in / out of the
-ground-truth OOD mask, edits: ``stage3_scoring``) or ``trainer.predict`` (``mode=invert``: the
-``callbacks.inversion_writer.InversionWriter`` callback writes per-image files). Gradients are switched on inside the
-steps, whatever the trainer's inference mode. DHR's segmentation: ``networks.refine.segmenter.DomainSegmenter``.
+ground-truth OOD mask, edits: ``stage3_scoring``) or ``trainer.predict`` (``mode=invert``: ``predict_step`` returns
+per-image results through ``lightning_modules.contracts.WritesInversions``; the ``InversionWriter`` callback that
+run.py hands the Trainer writes them). Gradients are switched on inside the steps, whatever the trainer's inference
+mode. DHR's segmentation: ``networks.refine.segmenter.DomainSegmenter``.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 
-from callbacks.inversion_writer import InversionWriter, read_ground_truth_mask
 from lightning_modules.edit_metrics import load_edit_scorer
 from lightning_modules.metrics import MetricTable, loader_size, method_comparison
 from lightning_modules.stage1_handoff import FrozenStage1
@@ -39,7 +39,6 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         refine: ``RefineConfig`` kwargs; pti / feature_only: {steps, lr} of ``PTI`` / ``FeatureOnly``.
         segmentation: over ``SEGMENTATION_DEFAULTS``; lpips: ``LPIPSLoss`` kwargs (refinement and metric).
         edit: evaluation edit {direction, strength, attribute, classifier}; edits: ``mode=invert`` edits.
-        output_dir, masks_dir: ``mode=invert`` output folder and optional ground-truth masks (``InversionWriter``).
         save_weights: tuned weights in each ``refine_state.pt``: delta_bf16 | full | none.
         n_grid: images in the grid of the first test batch; seed: of the coarse projection (image b: seed + b).
     """
@@ -47,8 +46,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
     def __init__(self, encoder_checkpoint: str, method: str = "dhr", align_mask_checkpoint: Optional[str] = None,
                  refine: Optional[dict] = None, pti: Optional[dict] = None, feature_only: Optional[dict] = None,
                  segmentation: Optional[dict] = None, lpips: Optional[dict] = None, edit: Optional[dict] = None,
-                 edits: Optional[list] = None, output_dir: Optional[str] = None, masks_dir: Optional[str] = None,
-                 save_weights: str = "delta_bf16", n_grid: int = 8, seed: int = 0):
+                 edits: Optional[list] = None, save_weights: str = "delta_bf16", n_grid: int = 8, seed: int = 0):
         super().__init__()
         method_class(method)  # ValueError naming model.method when it is not a method
         self.save_hyperparameters()
@@ -64,7 +62,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         self.edits = [load_output_edit(dict(e), G.style_dim) for e in (edits or [])]
         if save_weights not in WEIGHT_FORMATS:
             raise ValueError(f"model.save_weights={save_weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
-        self.writer = InversionWriter(output_dir, self.result_settings(), masks_dir) if output_dir else None
+        self.is_finished: Optional[Callable[[str], bool]] = None  # set by the InversionWriter (WritesInversions)
         self.test_table = MetricTable()
         self.grid_batch: Optional[Dict[str, Tensor]] = None
         # set by callbacks.edit_grid.EditGrid ({"strengths", "n_columns", "n"}); the grid of test batch 0 lands in
@@ -74,8 +72,8 @@ class RefineModule(FrozenStage1, pl.LightningModule):
 
     def result_settings(self) -> Dict[str, Any]:
         """What defines a ``mode=invert`` result (stored in each record; a rerun with other settings is refused):
-        every constructor argument but where files go and the evaluation-only ones, plus the resolved refinement."""
-        ignored = ("output_dir", "masks_dir", "n_grid", "edit")
+        every constructor argument but the evaluation-only ones, plus the resolved refinement."""
+        ignored = ("n_grid", "edit")
         return {**{f"model.{k}": v for k, v in self.hparams.items() if k not in ignored}, **self.refiner.settings()}
 
     @property
@@ -157,24 +155,27 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         self.log_dict({f"test/{k}": float(v) for k, v in means.items()}, sync_dist=True)
 
     def predict_step(self, batch, batch_idx: int) -> Optional[Dict[str, Any]]:
-        """``mode=invert``: invert, refine and edit the unfinished images of the batch; the ``InversionWriter``
-        callback (``configure_callbacks``) writes what this returns (see ``InversionWriter.write_on_batch_end``)."""
-        if self.writer is None:
-            raise ValueError("RefineModule.predict_step needs model.output_dir (run.py sets it from output=DIR)")
-        names = list(batch["name"])
-        todo = [i for i, n in enumerate(names) if not self.writer.is_done(n)]
+        """``mode=invert``: invert, refine and edit the batch's images not finished yet (``is_finished``); returns what
+        the ``InversionWriter`` writes (``write_on_batch_end``), None when every image is finished."""
+        names, truth = list(batch["name"]), batch.get("ood_mask")
+        if self.uses_ground_truth and truth is None:  # refused before any image
+            raise ValueError(ground_truth_missing("mode=invert was given no ground-truth masks (masks=DIR)"))
+        todo = [i for i, n in enumerate(names) if not (self.is_finished and self.is_finished(n))]
         if not todo:
             return None
         with torch.inference_mode(False), torch.enable_grad():
             x = batch["image"][todo].clone()
             finite = torch.isfinite(x).flatten(1).all(1)
+            rows = [todo[i] for i in torch.nonzero(finite).flatten().tolist()]
             out: Dict[str, Any] = {"invalid": [names[todo[i]] for i in torch.nonzero(~finite).flatten().tolist()],
-                                   "names": [names[todo[i]] for i in torch.nonzero(finite).flatten().tolist()],
-                                   "extra": {"method": self.method}}
-            if not out["names"]:
+                                   "names": [names[i] for i in rows], "extra": {"method": self.method}}
+            if not rows:
                 return out
-            x = x[finite]
-            gt = self._predict_ground_truth(batch, [todo[i] for i in torch.nonzero(finite).flatten().tolist()], x)
+            x, gt = x[finite], truth[rows].to(x.device) if truth is not None else None
+            for name, mask in zip(out["names"], gt if self.uses_ground_truth else []):
+                if not bool(torch.isfinite(mask).all()):  # the data gives an image without a mask NaN (unknown)
+                    raise ValueError(ground_truth_missing(f"masks=DIR has no readable mask {name}.png for the image "
+                                                          f"{name!r}"))
             start = time.perf_counter()
             result = self.invert(x, gt)
             seconds = (time.perf_counter() - start) / x.shape[0]
@@ -186,37 +187,9 @@ class RefineModule(FrozenStage1, pl.LightningModule):
                 states[j] = state_for_image(state, j, self.generator, weights=self.hparams.save_weights)
                 states[j]["codes"] = result["codes"][j].detach().cpu().clone()
         out["extra"].update(seconds=seconds, encoder_checkpoint=self.encoder_checkpoint)
-        return {**out, "images": x, "result": result, "edits": edits, "states": states}
-
-    def on_predict_start(self) -> None:
-        """The oracle source in ``mode=invert`` needs ``masks=DIR``: refused before any image."""
-        if self.uses_ground_truth and (self.writer is None or not self.writer.masks_dir):
-            raise ValueError(ground_truth_missing("mode=invert was given no ground-truth masks (masks=DIR)"))
-
-    def configure_callbacks(self):
-        """``mode=invert``: the module's ``InversionWriter`` (a ``BasePredictionWriter``) writes the results."""
-        return [self.writer] if self.writer is not None else []
+        return {**out, "images": x, "result": result, "edits": edits, "states": states, "ground_truth": gt}
 
     # ------------------------------------------------------------------ internals
-    def _predict_ground_truth(self, batch, rows: Sequence[int], x: Tensor) -> Optional[Tensor]:
-        """``mode=invert``, oracle source only: the OOD masks (B, 1, S, S) of batch rows ``rows``, from the batch's
-        ``ood_mask`` or else ``masks=DIR`` (``<name>.png``, white = OOD); None for other sources."""
-        if not self.uses_ground_truth:
-            return None
-        if batch.get("ood_mask") is not None:
-            return batch["ood_mask"][list(rows)].to(x.device)
-        masks_dir = self.writer.masks_dir if self.writer is not None else None
-        masks = []
-        for i in rows:
-            name = batch["name"][i]
-            mask = read_ground_truth_mask(masks_dir, name, tuple(x.shape[-2:]), "cannot be segmented") \
-                if masks_dir else None
-            if mask is None:
-                raise ValueError(ground_truth_missing(f"masks={masks_dir} has no readable mask {name}.png for the "
-                                                      f"image {name!r}"))
-            masks.append(mask)
-        return torch.cat(masks).to(x.device)
-
     def _score(self, batch, batch_idx: int, x: Tensor, gt: Optional[Tensor], result: Mapping[str, Any],
                seconds: float) -> Dict[str, Any]:
         names = list(batch["name"])

@@ -10,6 +10,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import networks.refine.methods as methods
+from callbacks.inversion_writer import InversionWriter
+from datamodules.folder import FolderDataModule
 from lightning_modules.stage3_module import RefineModule
 from networks.refine.segmentation import SEGMENTATION_SOURCES, combine_sources, ground_truth_in_domain
 from networks.refine.segmenter import DomainSegmenter
@@ -45,8 +47,8 @@ def items(n=2, with_mask=True):
     return out, gt
 
 
-def make_trainer(tmp_path):
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+def make_trainer(tmp_path, *callbacks):
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, callbacks=list(callbacks),
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
 
 
@@ -114,22 +116,34 @@ def test_a_batch_without_mask_fails_naming_the_source(encoder, tmp_path):
 
 def test_mode_invert_needs_masks_and_uses_them(encoder, tmp_path, refined_masks):
     batch, gt = items(with_mask=False)
-    module = oracle_module(encoder, output_dir=str(tmp_path / "inv"))
+    module = oracle_module(encoder)
+    out = tmp_path / "inv"
     with pytest.raises(ValueError, match=MESSAGE + r".*mode=invert was given no ground-truth masks \(masks=DIR\)"):
-        make_trainer(tmp_path).predict(module, DataLoader(batch, batch_size=2), return_predictions=False)
+        make_trainer(tmp_path, InversionWriter(out, module.result_settings())).predict(
+            module, DataLoader(batch, batch_size=2), return_predictions=False)
     assert not refined_masks  # refused before any image
-    masks = tmp_path / "masks"
+    # as run.py's mode=invert: the folder DataModule reads the images and masks=DIR, an InversionWriter writes
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    photos.mkdir()
     masks.mkdir()
+    for item in batch:
+        pixels = ((item["image"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        Image.fromarray(pixels).save(photos / f"{item['name']}.png")
     Image.fromarray((gt[0, 0].numpy() * 255).astype(np.uint8)).save(masks / "img0.png")
-    module = oracle_module(encoder, output_dir=str(tmp_path / "inv"), masks_dir=str(masks))
+
+    def invert():
+        module = oracle_module(encoder)
+        make_trainer(tmp_path, InversionWriter(out, module.result_settings())).predict(
+            module, datamodule=FolderDataModule(photos, resolution=64, batch_size=2, masks=str(masks)),
+            return_predictions=False)
+
     with pytest.raises(ValueError, match=MESSAGE + r".*has no readable mask img1.png"):
-        make_trainer(tmp_path).predict(module, DataLoader(batch, batch_size=2), return_predictions=False)
+        invert()
+    assert not refined_masks
     Image.fromarray((gt[1, 0].numpy() * 255).astype(np.uint8)).save(masks / "img1.png")
-    refined_masks.clear()
-    module = oracle_module(encoder, output_dir=str(tmp_path / "inv"), masks_dir=str(masks))
-    make_trainer(tmp_path).predict(module, DataLoader(batch, batch_size=2), return_predictions=False)
+    invert()
     torch.testing.assert_close(refined_masks[0], 1 - gt)
-    metrics = json.loads((tmp_path / "inv" / "img0" / "metrics.json").read_text())
+    metrics = json.loads((out / "img0" / "metrics.json").read_text())
     assert metrics["iou@0.5"] == pytest.approx(1.0)
 
 

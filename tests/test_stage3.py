@@ -64,6 +64,14 @@ def make_tester(tmp_path, **kwargs):
                       enable_model_summary=False, default_root_dir=str(tmp_path), **kwargs)
 
 
+def predict(tmp_path, module, out, items, batch_size=3, **kwargs):
+    """``mode=invert`` as run.py runs it: ``trainer.predict`` with an ``InversionWriter`` callback writing to ``out``."""
+    writer = InversionWriter(out, module.result_settings())
+    make_tester(tmp_path, callbacks=[writer], **kwargs).predict(module, DataLoader(items, batch_size=batch_size),
+                                                                return_predictions=False)
+    return writer
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_is_tested_with_metrics_masks_and_edits(files, tmp_path, method):
     module = make_module(files, method)
@@ -124,10 +132,10 @@ def test_bad_configs_name_the_problem(files):
 def test_predict_writes_per_image_results_and_resumes(files, tmp_path):
     out = tmp_path / "inv"
     edits = [{"name": "smile", "kind": "interfacegan", "path": files["direction"], "strengths": [-2.0, 2.0]}]
-    module = make_module(files, edits=edits, output_dir=str(out))
+    module = make_module(files, edits=edits)
     items = batch(3)
     items[2]["image"] = torch.full_like(items[2]["image"], float("nan"))
-    make_tester(tmp_path, inference_mode=True).predict(module, DataLoader(items, batch_size=3), return_predictions=False)
+    predict(tmp_path, module, out, items, inference_mode=True)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["images"] == 3 and manifest["ok"] == 2 and manifest["failed"] == ["img2"]
     folder = out / "img0"
@@ -135,6 +143,7 @@ def test_predict_writes_per_image_results_and_resumes(files, tmp_path):
                                                   "refine_state.pt", "record.json", "edits"}
     assert sorted(p.name for p in (folder / "edits").iterdir()) == ["smile_+2.png", "smile_-2.png"]
     assert "NaN" in json.loads((out / "img2" / "record.json").read_text())["reason"]
+    assert "iou@0.5" in json.loads((folder / "metrics.json").read_text())  # the batch's ood_mask is the ground truth
     # re-editing later from the saved state, without a generator copy per image
     state = torch.load(folder / "refine_state.pt", weights_only=True)
     assert state["weights_format"] == "delta_bf16" and "weights" not in state
@@ -146,8 +155,8 @@ def test_predict_writes_per_image_results_and_resumes(files, tmp_path):
     # a rerun skips the finished images and redoes a removed one
     stamp = (out / "img1" / "record.json").stat().st_mtime_ns
     (folder / "record.json").unlink()
-    module = make_module(files, edits=edits, output_dir=str(out))
-    make_tester(tmp_path).predict(module, DataLoader(items, batch_size=3), return_predictions=False)
+    module = make_module(files, edits=edits)
+    predict(tmp_path, module, out, items)
     assert (folder / "record.json").is_file() and (out / "img1" / "record.json").stat().st_mtime_ns == stamp
 
 
@@ -162,7 +171,7 @@ def test_disk_full_stops_with_a_clear_message_and_keeps_finished_images(files, t
     import callbacks.inversion_writer as writer_module
 
     out = tmp_path / "inv"
-    module = make_module(files, "e4e", output_dir=str(out))
+    module = make_module(files, "e4e")
     real_save, calls = writer_module.save_png, []
 
     def failing_save(image, path):
@@ -173,11 +182,10 @@ def test_disk_full_stops_with_a_clear_message_and_keeps_finished_images(files, t
 
     monkeypatch.setattr(writer_module, "save_png", failing_save)
     with pytest.raises(OSError, match=r"'img1'.*No space left.*1 finished image\(s\) are kept.*rerun"):
-        make_tester(tmp_path).predict(module, DataLoader(batch(3), batch_size=3), return_predictions=False)
+        predict(tmp_path, module, out, batch(3))
     assert (out / "img0" / "record.json").is_file() and not (out / "img1" / "record.json").exists()
     monkeypatch.setattr(writer_module, "save_png", real_save)
-    make_tester(tmp_path).predict(make_module(files, "e4e", output_dir=str(out)), DataLoader(batch(3), batch_size=3),
-                                  return_predictions=False)
+    predict(tmp_path, make_module(files, "e4e"), out, batch(3))
     assert json.loads((out / "manifest.json").read_text())["ok"] == 3
 
 
