@@ -169,22 +169,26 @@ def family_plot(per_family: Mapping[str, Mapping[str, Mapping[str, float]]], out
     import matplotlib.pyplot as plt
 
     fams = [f for f in next(iter(per_family.values())) if any(m[f]["n"] for m in per_family.values())]
-    fig, axes = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    colours = {m: f"C{i % 10}" for i, m in enumerate(per_family)}  # one colour per method in both panels
+    fig, axes = plt.subplots(2, 1, figsize=(8, 7.5), sharex=True)
+    handles = {}
     for ax, (key, label) in zip(axes, (("psnr", "PSNR dB (whole image)"), ("iou@0.5", "mask IoU@0.5"))):
         methods = [m for m, cells in per_family.items() if any(key in cells[f] for f in fams)]
         width = 0.8 / max(1, len(methods))
         for k, method in enumerate(methods):
             vals = [per_family[method][f].get(key, float("nan")) for f in fams]
-            ax.bar([i + k * width for i in range(len(fams))], vals, width=width, label=ROW_LABELS.get(method, method))
+            handles[method] = ax.bar([i + k * width for i in range(len(fams))], vals, width=width,
+                                     color=colours[method])
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-        if methods:
-            ax.legend(fontsize=7, ncol=2)
-        else:
+        if not methods:
             ax.text(0.5, 0.5, "no method with a mask", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([i + width * (max(1, len(methods)) - 1) / 2 for i in range(len(fams))], fams, rotation=20)
     axes[0].set_title("Per corruption family (every family held out of training and calibration)")
-    fig.tight_layout()
+    order = [m for m in per_family if m in handles]
+    fig.legend([handles[m] for m in order], [ROW_LABELS.get(m, m) for m in order], loc="lower center", ncol=3,
+               fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path = out / "by_family.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)

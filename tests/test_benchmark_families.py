@@ -49,7 +49,7 @@ def test_per_family_tables_have_the_six_families(tmp_path):
     assert len(rows) == 12 and rows[2] == {"method": "dhr", "family": "text", "images": "2", "psnr": "12.0",
                                            "psnr_in": "", "psnr_out": "", "iou@0.5": "0.5", "edit_success": ""}
     plot = family_plot(per_family, tmp_path)
-    assert plot.name == "by_family.png" and Image.open(plot).size == (960, 840)
+    assert plot.name == "by_family.png" and Image.open(plot).size == (960, 900)
 
 
 def test_a_family_without_images_reads_a_dash():
