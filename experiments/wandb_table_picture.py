@@ -57,8 +57,8 @@ def draw(run_dir, out, rows: int = 6, key: str = "test/per_image") -> Path:
     shown.sort(key=lambda r: r["psnr"] if r.get("psnr") is not None else -np.inf)
     shown = shown[:rows]
     pictures = [c for c in PICTURES if c in columns]
-    fig, axes = plt.subplots(len(shown), len(pictures) + 1, figsize=(1.9 * (len(pictures) + 1.6), 1.9 * len(shown)),
-                             squeeze=False, gridspec_kw={"width_ratios": [1.6] + [1] * len(pictures)})
+    fig, axes = plt.subplots(len(shown), len(pictures) + 1, figsize=(1.9 * (len(pictures) + 1.1), 1.9 * len(shown)),
+                             squeeze=False, gridspec_kw={"width_ratios": [1.1] + [1] * len(pictures)})
     for i, row in enumerate(shown):
         text = [row["name"]] + [f"{k} {row[k]:.3g}" for k in ("psnr", "psnr_in", "iou@0.5", "edit_success")
                                 if row.get(k) is not None]
@@ -76,8 +76,11 @@ def draw(run_dir, out, rows: int = 6, key: str = "test/per_image") -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=90)
     plt.close(fig)
+    with Image.open(out) as picture:  # 256 colours: a small file for the README
+        small = picture.convert("RGB").quantize(256)
+    small.save(out, optimize=True)
     return out
 
 

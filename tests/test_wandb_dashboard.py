@@ -241,7 +241,8 @@ def test_run_py_dhr_dashboard_reads_back_from_the_offline_run(files, compose_cfg
     assert "e4e (stage 1) / ood_blend (stage 2) / dhr (stage 3)" in text
     assert "columns: input | smile -3 | smile -1.5 | smile 0 | smile +1.5 | smile +3" in text
     png = Image.open(run_dir / "edits" / "test_edit_grid_smile.png")
-    assert png.size == (6 * 66 + 2, 2 * 3 * 66 + 2)  # 6 columns; 2 images x 3 methods
+    # 6 columns; 2 images x 3 methods; plus the header band (strengths) and the row labels (image, method)
+    assert png.size[0] > 6 * 66 + 2 and png.size[1] > 2 * 3 * 66 + 2
     logged_png = wandb_dir / "files" / grid["test/edit_grid/smile/filenames"][0]
     assert np.array_equal(np.asarray(Image.open(logged_png).convert("RGB")), np.asarray(png.convert("RGB")))
     # the per-image table: one row per test image, metric columns
