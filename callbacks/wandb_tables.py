@@ -4,7 +4,9 @@ The stages' ``test_step`` / ``validation_step`` return what they scored (``light
 
     {"names": [B names], "metrics": {metric: (B,)}, "pictures": {"input": (B, 3, H, W) in [-1, 1],
      "output" or "reconstruction": (B, 3, H, W), "mask": (B, 1, H, W) in [0, 1] (prediction, 1 = OOD),
-     "ood_mask": (B, 1, H, W) (ground truth), "edit": (B, 3, H, W), ...}}
+     "ood_mask": (B, 1, H, W) (ground truth), "edit": (B, 3, H, W), ...},
+     "edit_pictures": optional, a callable returning more pictures {column: (B, 3, H, W)}, called only for a batch
+     with an image that gets pictures (stage 3: each ``model.edits`` entry at each of its strengths, "smile_-3")}
 
 and keep every image's metrics in ``test_table`` (``lightning_modules.metrics.MetricTable``). This callback keeps
 small thumbnails of at most ``pictures`` test images (``pick``: the ones with the lowest or highest ``pick_by``, or
@@ -12,8 +14,9 @@ the first ones) and, for every W&B logger on rank zero:
 
 - after ``trainer.test``: ``test/per_image``, a ``wandb.Table`` with one row per test image: ``name``, the metric
   columns, then the picture columns ``input``, ``reconstruction``, ``mask`` (the input with W&B mask layers
-  ``prediction`` and ``ground_truth``, classes ``in-domain`` / ``out-of-domain``), ``edit`` and any other picture
-  the stage returns (stage 2: ``stage1``, ``generated``, ``stage1_edit``). Rows without pictures have empty
+  ``prediction`` and ``ground_truth``, classes ``in-domain`` / ``out-of-domain``), ``edit`` (the evaluation edit)
+  and any other picture the stage returns (stage 2: ``stage1``, ``generated``, ``stage1_edit``; stage 3: the output
+  edits ``smile_-3``, ``smile_+3``, ...). Rows without pictures have empty
   picture cells. ``summary["test_mean/<metric>"]`` holds each column's mean;
 - after each validation (not the sanity check): ``val/per_image``, the first ``val_pictures`` validation images of
   rank zero with their metrics and pictures (the same images at every validation, so training can be followed).
@@ -152,6 +155,8 @@ class WandbMetricTable(pl.Callback):
                 and self._wandb_loggers(trainer)):
             return
         metrics = outputs.get("metrics") or {}
+        pictures = dict(outputs["pictures"])
+        edits_added = False
         for i, name in enumerate(outputs["names"]):
             order, self._seen = self._seen, self._seen + 1
             if self.pick == "first":
@@ -162,8 +167,12 @@ class WandbMetricTable(pl.Callback):
                 score = self._score(metrics, i) * (1 if self.pick == "lowest" else -1)
                 if len(self._test) >= self.pictures and score >= self._test[-1]["score"]:
                     continue
+            if not edits_added and callable(outputs.get("edit_pictures")):  # rendered once, for a batch with a row
+                with torch.no_grad():
+                    pictures.update(outputs["edit_pictures"]())
+                edits_added = True
             self._test.append({"name": str(name), "score": score, "order": order,
-                               "thumbs": image_thumbnails(outputs["pictures"], i, self.thumbnail, self.threshold)})
+                               "thumbs": image_thumbnails(pictures, i, self.thumbnail, self.threshold)})
             self._test.sort(key=lambda r: (r["score"], r["order"]))
             del self._test[self.pictures:]
 

@@ -99,15 +99,21 @@ def train(cfg: DictConfig) -> Path | None:
     command = list(HydraConfig.get().overrides.task)
     check_torchrun_run_dir(command)
     is_zero = rank_zero_only.rank == 0
+    # the jobs of one multirun form one W&B group, named after the sweep dir (a chain's trained stages too)
+    group = Path(HydraConfig.get().sweep.dir).name if HydraConfig.get().mode == RunMode.MULTIRUN else None
+
+    def stage_in_group(stage_cfg: DictConfig, stage_dir: Path, overrides: list[str]) -> Path | None:
+        apply_wandb_identity(stage_cfg, group=group)
+        return run_stage(stage_cfg, stage_dir, overrides)
+
     with run_dir_lock(run_dir, enabled=is_zero):
         if cfg.get("chain"):
-            records = run_chain(cfg, run_dir, command, CONFIG_DIR, run_stage, is_zero=is_zero)
+            records = run_chain(cfg, run_dir, command, CONFIG_DIR, stage_in_group if group else run_stage,
+                                is_zero=is_zero)
             if is_zero:
                 for rec in records:
                     log.info(f"Chain stage {rec.name}: {rec.source} {rec.path}")
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # the jobs of one multirun form one W&B group (the sweep dir)
-            apply_wandb_identity(cfg, group=Path(HydraConfig.get().sweep.dir).name)
-        return run_stage(cfg, run_dir, command)
+        return stage_in_group(cfg, run_dir, command) if group else run_stage(cfg, run_dir, command)
 
 
 def check_torchrun_run_dir(command: list[str]) -> None:

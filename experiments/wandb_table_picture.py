@@ -5,7 +5,7 @@ its JSON and thumbnails are the files the run logged; ``tests/helpers/wandb_offl
 draws the rows that have pictures, lowest PSNR first: name and metrics, then ``input``, ``reconstruction``, ``mask``
 (the logged mask layers over the input: prediction red, ground truth green, both yellow) and ``edit``.
 
-    python experiments/wandb_table_picture.py outputs/dhr/<run> --rows 6 --out experiments/assets/wandb_per_image_table.png
+    python experiments/wandb_table_picture.py outputs/dhr/<run> --rows 5   # the README picture
 """
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def draw(run_dir, out, rows: int = 6, key: str = "test/per_image") -> Path:
         for j, column in enumerate(pictures, 1):
             cell = row.get(column)
             if cell:
-                picture = mask_picture(table["files"], cell) if column == "mask" else _array(table["files"], cell["path"])
-                axes[i, j].imshow(picture)
+                files = table["files"]
+                axes[i, j].imshow(mask_picture(files, cell) if column == "mask" else _array(files, cell["path"]))
             if i == 0:
                 axes[i, j].set_title(column if column != "mask" else "mask (pred red, truth green)", fontsize=8)
     for ax in axes.flat:

@@ -2,7 +2,7 @@
 ``isinstance`` instead of probing attributes one by one. A stage offers a contract by having its members."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Protocol, TypedDict, runtime_checkable
+from typing import Any, Callable, Dict, List, NotRequired, Optional, Protocol, TypedDict, runtime_checkable
 
 
 @runtime_checkable
@@ -46,8 +46,10 @@ class StepPictures(TypedDict):
     """What a stage's ``validation_step`` / ``test_step`` returns for ``callbacks.wandb_tables.WandbMetricTable``:
     the batch's image ``names``, its per-image ``metrics`` ({metric: (B,) tensor}) and ``pictures`` ({key: (B, C, H,
     W)}: "input", "output" / "reconstruction", "edit", ... in [-1, 1]; "mask" (prediction) and "ood_mask" (ground
-    truth) in [0, 1], 1 = out of domain)."""
+    truth) in [0, 1], 1 = out of domain); optionally ``edit_pictures``, a callable returning more pictures (stage 3: its
+    output edits), called only when the table keeps one of the batch's images."""
 
     names: List[str]
     metrics: Dict[str, Any]
     pictures: Dict[str, Any]
+    edit_pictures: NotRequired[Callable[[], Dict[str, Any]]]

@@ -206,4 +206,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
                 self.edit_grid_batch = {name: {"strengths": g["strengths"],
                                                "rows": {k: v[:, :m] for k, v in g["rows"].items()}}
                                         for name, g in grids.items()}
-        return {"names": names, "metrics": metrics, "pictures": rows}
+        # the output edits (model.edits) of this batch, rendered only if the W&B table keeps one of its images
+        return {"names": names, "metrics": metrics, "pictures": rows,
+                "edit_pictures": lambda: {k: self.render_edit(result, x, c)
+                                          for k, c in edited_codes(self.edits, result["codes"]).items()}}

@@ -205,19 +205,19 @@ def test_dhr_test_table_has_picture_columns(files, compose_cfg, tmp_path, monkey
     overrides = ["+exp=dhr", *_synthfaces(tmp_path), "model.method=ood_blend", "chain.align_mask.enabled=false",
                  f"model.encoder_checkpoint={files['encoder']}", f"model.align_mask_checkpoint={files['align']}",
                  f"model.edit.direction={files['direction']}", f"model.edit.classifier={files['classifier']}",
-                 "model.edits=[]", "model.lpips.allow_random_backbone=true",
+                 f"model.edits.0.path={files['direction']}", "model.lpips.allow_random_backbone=true",
                  "callbacks.wandb_metric_table.pictures=3", "callbacks.wandb_metric_table.thumbnail=32"]
     path = _run(compose_cfg, overrides, tmp_path, monkeypatch)
     [table] = logged_tables(path, "test/per_image")
     columns = table["columns"]
-    assert columns[-4:] == ["input", "reconstruction", "mask", "edit"]
+    assert columns[-6:] == ["input", "reconstruction", "mask", "edit", "smile_-3", "smile_+3"]  # + model.edits
     assert {"psnr", "psnr_in", "iou@0.5", "edit_success"} <= set(columns)
     rows = [dict(zip(columns, row)) for row in table["data"]]
     assert len(rows) == 4 and sum(r["input"] is not None for r in rows) == 3
     psnr = sorted(r["psnr"] for r in rows)
     assert all(r["input"] is not None for r in rows if r["psnr"] in psnr[:3])
     for row in (r for r in rows if r["input"] is not None):
-        for column in ("input", "reconstruction", "mask", "edit"):
+        for column in ("input", "reconstruction", "mask", "edit", "smile_-3", "smile_+3"):
             assert _image(table, row[column]).shape[:2] == (32, 32), column
         assert set(row["mask"]["masks"]) == {"prediction", "ground_truth"}
     means = summary(path)
@@ -264,7 +264,8 @@ def test_stage1_validation_and_test_tables_have_pictures(compose_cfg, make_image
     generator = export_generator(tmp_path / "generator.pt", g, g.mean_latent(256, seed=0).reshape(-1))
     make_images(tmp_path / "images", [f"{i}.png" for i in range(6)], size=(16, 16))
     overrides = ["+exp=e4e", "data=image_folder", f"data.root={tmp_path / 'images'}", "generator.size=16",
-                 "data.batch_size=2", "data.num_workers=0", "data.val_count=2", f"model.generator_checkpoint={generator}",
+                 "data.batch_size=2", "data.num_workers=0", "data.val_count=2",
+                 f"model.generator_checkpoint={generator}",
                  "model.encoder.width=0.25", "model.encoder.units=[1,1,1,1]", "logger=wandb", "trainer=cpu",
                  "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                  "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
