@@ -484,7 +484,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             )
 
     def make_test_set(self) -> Dataset:
-        """Test/predict items ``{"image", "name"[, "ood_mask"]}``: the held-out images, or every image when none is held out."""
+        """Test/predict items ``{"image", "name"[, "ood_mask"]}``: the held-out images, or all when none is held out."""
         full = self.full_dataset()
         _, val = self.split(len(full))
         return NamedImages(full, val or None)

@@ -29,10 +29,10 @@ from datamodules.ood_patches import paste_random_patches  # noqa: E402
 from datamodules.synthfaces_datamodule import SynthFacesDataModule  # noqa: E402
 from lightning_modules.metrics import mask_metrics  # noqa: E402
 from lightning_modules.perceptual import LPIPSLoss  # noqa: E402
-from lightning_modules.stage3_build import segmentation_settings  # noqa: E402
+from lightning_modules.stage3_build import check_segmentation  # noqa: E402
 from networks.encoder_checkpoints import load_e4e_checkpoint  # noqa: E402
 from networks.refine.segmentation import upsampled_error  # noqa: E402
-from networks.refine.segmenter import DomainSegmenter, load_parser  # noqa: E402
+from networks.refine.segmenter import DomainSegmenter, SegmentationConfig, load_parser  # noqa: E402
 
 WEIGHTS = ROOT / "experiments" / "weights" / "synthfaces"
 OFFICIAL = {"skin": 0.7, **{c: 0.8 for c in ("eye", "brow", "nose", "lips", "mouth", "ear")}}
@@ -57,15 +57,15 @@ def main(argv=None) -> dict:
                         help="the attribute classifier behind --lpips synthfaces")
     args = parser.parse_args(argv)
 
-    seg = segmentation_settings({**SYNTHFACES_DSS, "parser": args.parser, "thresholds": OFFICIAL,
-                                 "superpixels": {"n_segments": args.n_segments},
-                                 "coarse": {**SYNTHFACES_DSS["coarse"], "steps": args.steps}})
+    seg = check_segmentation(SegmentationConfig(**{**SYNTHFACES_DSS, "parser": args.parser, "thresholds": OFFICIAL,
+                                                   "superpixels": {"n_segments": args.n_segments},
+                                                   "coarse": {**SYNTHFACES_DSS["coarse"], "steps": args.steps}}))
     stage1 = load_e4e_checkpoint(Path(args.encoder).expanduser())
     generator = stage1.generator.eval().requires_grad_(False)
     # SYNTHFACES_DSS shares the refinement's net (model.lpips): random AlexNet, or the domain distance
     lpips = (LPIPSLoss(net="synthfaces", backbone_weights=args.classifier) if args.lpips == "synthfaces"
              else LPIPSLoss(allow_random_backbone=True))
-    parser, class_ids = load_parser(seg["parser_kind"], seg["parser"], seg["classes"], set(OFFICIAL))
+    parser, class_ids = load_parser(seg.parser_kind, seg.parser, seg.classes, set(OFFICIAL))
     segmenter = DomainSegmenter(generator, stage1.latent_avg.float(), seg, perceptual=lpips, parser=parser,
                                 class_ids=class_ids)
     dm = SynthFacesDataModule.from_existing(args.data, generator.size, batch_size=args.n, num_workers=0, flip=False)

@@ -1,87 +1,62 @@
 """From the ``model`` config of stage 3 to a method object (``networks.refine.methods``), checked before any image.
 
-``segmentation_settings`` completes and checks ``model.segmentation``; ``load_align_net`` reads a stage-2 hand-off
-made for the same generator; ``build_segmenter`` / ``build_method`` assemble the parts a method needs.
+``model.refine`` / ``pti`` / ``feature_only`` / ``segmentation`` are dataclasses (``RefineConfig``, ``PTIConfig``,
+``FeatureOnlyConfig``, ``SegmentationConfig``) that Hydra instantiates from their ``_target_``: each default has one
+place, the dataclass. ``as_config`` takes such an instance or a mapping of its fields (Python callers);
+``check_segmentation`` checks ``model.segmentation``; ``load_align_net`` reads a stage-2 hand-off made for the same
+generator; ``build_segmenter`` / ``build_method`` assemble the parts a method needs.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import math
+from dataclasses import asdict
 from types import SimpleNamespace
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Mapping, Optional, Type, TypeVar
 
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_modules.perceptual import LPIPSLoss
-from lightning_modules.plain import to_plain
 from networks.align_mask import load_align_mask
 from networks.checkpoints import CheckpointError, check_same_generator
 from networks.refine.hybrid import RefineConfig
 from networks.refine.projection import NOISE_STDS, TARGET_RESIZES
-from networks.refine.methods import DHR, E4E, METHODS, PTI, FeatureOnly, Method, OODBlend
+from networks.refine.methods import (DHR, E4E, METHODS, PTI, FeatureOnly, FeatureOnlyConfig, Method, OODBlend,
+                                     PTIConfig)
 from networks.refine.segmentation import ERROR_SCORINGS, SEGMENTATION_SOURCES, SLIC_INPUTS
-from networks.refine.segmenter import DomainSegmenter, load_parser
+from networks.refine.segmenter import DomainSegmenter, SegmentationConfig, load_parser
 
-SEGMENTATION_DEFAULTS: Dict[str, Any] = {
-    "source": "error_superpixels",
-    # official: W only, 40 steps, LPIPS, noise optimised; loss at 256 px on the clamped synthesis; the error map on
-    # the last step's image (before its update); from the mean of 10k mapped z; noise renormalised by torch.std; the
-    # target resized as an 8-bit image by PIL. resolution null = the image size, no resize
-    "coarse": {"steps": 40, "lr": 0.1, "resolution": 256, "clamp": True, "error_image": "last_step",
-               "start": "sampled_mean", "noise_std": "unbiased", "target_resize": "pil_uint8"},
-    "lpips": {"net": "vgg", "backbone_weights": None, "allow_random_backbone": False},  # null = share model.lpips
-    "error_scoring": "official_per_layer",             # | upsampled_sum (see networks.refine.segmentation)
-    "superpixels": {"n_segments": 200, "compactness": 30.0, "sigma": 1.0},
-    "slic_input": "bgr_uint8",                         # | rgb_float
-    "parser": None,                                    # face-parser file; null = no parsing
-    "parser_kind": "synthfaces",                       # synthfaces | bisenet (face-parsing.PyTorch 79999_iter.pth)
-    "classes": None,                                   # class names in index order (null: the parser's own)
-    "thresholds": {},                                  # {class name: threshold}
-    "default_threshold": 0.6,
-    "ood_classes": [],                                 # parser classes that are always OOD
-    "align_threshold": 0.5,
-}
+C = TypeVar("C")
+
+def as_config(value: Any, cls: Type[C]) -> C:
+    """``value`` as the settings dataclass ``cls``: Hydra passes an instance (``_target_``); a mapping holds some of
+    its fields (nested settings may be mappings too), None means all the dataclass's defaults."""
+    return value if isinstance(value, cls) else cls(**(value or {}))
 
 
-def _merge(defaults: Mapping, given: Optional[Mapping]) -> Dict[str, Any]:
-    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in defaults.items()}
-    for k, v in dict(to_plain(given or {})).items():
-        out[k] = {**out[k], **v} if isinstance(out.get(k), dict) and isinstance(v, Mapping) else v
-    return out
-
-
-def check_segmentation(seg: Mapping[str, Any]) -> None:
-    """ValueError naming the ``model.segmentation`` key whose value is not valid (checked before any image)."""
-    if seg["source"] not in SEGMENTATION_SOURCES:
-        raise ValueError(f"model.segmentation.source={seg['source']!r}; choose one of "
-                         f"{', '.join(SEGMENTATION_SOURCES)}")
-    choices = {"error_scoring": (seg["error_scoring"], ERROR_SCORINGS),
-               "slic_input": (seg["slic_input"], SLIC_INPUTS),
-               "coarse.error_image": (seg["coarse"]["error_image"], ("last_step", "final")),
-               "coarse.start": (seg["coarse"]["start"], ("sampled_mean", "latent_avg")),
-               "coarse.noise_std": (seg["coarse"]["noise_std"], NOISE_STDS),
-               "coarse.target_resize": (seg["coarse"]["target_resize"], TARGET_RESIZES)}
+def check_segmentation(seg: SegmentationConfig) -> SegmentationConfig:
+    """``seg``, or ValueError naming the ``model.segmentation`` key whose value is not valid (before any image)."""
+    if seg.source not in SEGMENTATION_SOURCES:
+        raise ValueError(f"model.segmentation.source={seg.source!r}; choose one of {', '.join(SEGMENTATION_SOURCES)}")
+    c = seg.coarse
+    choices = {"error_scoring": (seg.error_scoring, ERROR_SCORINGS), "slic_input": (seg.slic_input, SLIC_INPUTS),
+               "coarse.error_image": (c.error_image, ("last_step", "final")),
+               "coarse.start": (c.start, ("sampled_mean", "latent_avg")),
+               "coarse.noise_std": (c.noise_std, NOISE_STDS), "coarse.target_resize": (c.target_resize, TARGET_RESIZES)}
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ValueError(f"model.segmentation.{key}={value!r}; choose one of {', '.join(valid)}")
-    res = seg["coarse"]["resolution"]
-    if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res < 1):
-        raise ValueError(f"model.segmentation.coarse.resolution={res!r}; a positive size or null (the image size)")
-    for key, value in (("coarse.steps", seg["coarse"]["steps"]),
-                       ("superpixels.n_segments", seg["superpixels"]["n_segments"])):
+    if c.resolution is not None and (isinstance(c.resolution, bool) or not isinstance(c.resolution, int)
+                                     or c.resolution < 1):
+        raise ValueError(f"model.segmentation.coarse.resolution={c.resolution!r}; a positive size or null (the image "
+                         f"size)")
+    for key, value in (("coarse.steps", c.steps), ("superpixels.n_segments", seg.superpixels.n_segments)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"model.segmentation.{key}={value!r}; must be an integer >= 1")
-    lr = seg["coarse"]["lr"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"model.segmentation.coarse.lr={lr!r}; must be a number > 0")
-
-
-def segmentation_settings(given: Optional[Mapping]) -> Dict[str, Any]:
-    """``model.segmentation`` over ``SEGMENTATION_DEFAULTS``, checked (``check_segmentation``)."""
-    seg = _merge(SEGMENTATION_DEFAULTS, given)
-    check_segmentation(seg)
+    if isinstance(c.lr, bool) or not isinstance(c.lr, (int, float)) or not math.isfinite(c.lr) or c.lr <= 0:
+        raise ValueError(f"model.segmentation.coarse.lr={c.lr!r}; must be a number > 0")
     return seg
 
 
@@ -101,14 +76,14 @@ def method_class(method: str) -> type:
     return cls
 
 
-def needs_align_net(method: str, seg: Mapping[str, Any]) -> bool:
+def needs_align_net(method: str, seg: SegmentationConfig) -> bool:
     """Whether ``method`` with segmentation ``seg`` needs the stage-2 net."""
-    return method_class(method).needs_align_net or (method == "dhr" and seg["source"] in ("align_mask", "both"))
+    return method_class(method).needs_align_net or (method == "dhr" and seg.source in ("align_mask", "both"))
 
 
-def needs_error_map(method: str, seg: Mapping[str, Any]) -> bool:
+def needs_error_map(method: str, seg: SegmentationConfig) -> bool:
     """Whether ``method`` runs the DSS error cue (coarse inversion, superpixels, parser)."""
-    return seg["source"] in ("error_superpixels", "both") and (method == "dhr" or "segmenter" in inspect.signature(
+    return seg.source in ("error_superpixels", "both") and (method == "dhr" or "segmenter" in inspect.signature(
         method_class(method)).parameters)
 
 
@@ -135,34 +110,33 @@ def grid_align_net(path: Optional[str], generator: nn.Module, encoder_checkpoint
         return None
 
 
-def build_segmenter(seg: Mapping[str, Any], generator: nn.Module, latent_avg, lpips: nn.Module,
+def build_segmenter(seg: SegmentationConfig, generator: nn.Module, latent_avg, lpips: nn.Module,
                     align_net: Optional[nn.Module], seed: int, error_map: bool):
     """(``DomainSegmenter``, its DSS perceptual net or None when it shares ``lpips``, parser or None, class ids)."""
     parser, class_ids, seg_lpips = None, {}, None
     if error_map:
-        if seg["parser"]:
-            parser, class_ids = load_parser(seg["parser_kind"], seg["parser"], seg["classes"],
-                                            set(seg["thresholds"]) | set(seg["ood_classes"]))
-        if seg["lpips"] is not None:
-            seg_lpips = LPIPSLoss(**seg["lpips"], key="model.segmentation.lpips.backbone_weights")
+        if seg.parser:
+            parser, class_ids = load_parser(seg.parser_kind, seg.parser, seg.classes,
+                                            set(seg.thresholds) | set(seg.ood_classes))
+        if seg.lpips is not None:
+            seg_lpips = LPIPSLoss(**asdict(seg.lpips), key="model.segmentation.lpips.backbone_weights")
     segmenter = DomainSegmenter(generator, latent_avg, seg, perceptual=(seg_lpips or lpips) if error_map else None,
                                 parser=parser, class_ids=class_ids, align_net=align_net, seed=seed)
     return segmenter, seg_lpips, parser, class_ids
 
 
-def build_method(method: str, generator: nn.Module, lpips: nn.Module, refine: Optional[Mapping],
-                 pti: Optional[Mapping], feature_only: Optional[Mapping], align_net: Optional[nn.Module],
+def build_method(method: str, generator: nn.Module, lpips: nn.Module, config: RefineConfig, pti: PTIConfig,
+                 feature_only: FeatureOnlyConfig, align_net: Optional[nn.Module],
                  segmenter: Optional[DomainSegmenter]) -> Method:
-    """The ``networks.refine.methods`` object of ``model.method`` with its config."""
-    config = RefineConfig(**dict(refine or {}))
+    """The ``networks.refine.methods`` object of ``model.method`` with its settings."""
     if method == "e4e":
         return E4E(generator)
     if method == "ood_blend":
         return OODBlend(generator, align_net)
     if method == "pti":
-        return PTI(generator, lpips, config, **dict(pti or {}))
+        return PTI(generator, lpips, config, **asdict(pti))
     if method == "feature_only":
-        return FeatureOnly(generator, lpips, config, **dict(feature_only or {}))
+        return FeatureOnly(generator, lpips, config, **asdict(feature_only))
     if method == "dhr":
         return DHR(generator, lpips, config, segmenter)
     cls = method_class(method)  # another method: the parts its constructor names
@@ -172,16 +146,16 @@ def build_method(method: str, generator: nn.Module, lpips: nn.Module, refine: Op
 
 
 def build_parts(method: str, generator: nn.Module, latent_avg, encoder_checkpoint: str,
-                align_mask_checkpoint: Optional[str], refine: Optional[Mapping], pti: Optional[Mapping],
-                feature_only: Optional[Mapping], segmentation: Optional[Mapping], lpips: Mapping,
+                align_mask_checkpoint: Optional[str], refine: RefineConfig, pti: PTIConfig,
+                feature_only: FeatureOnlyConfig, segmentation: SegmentationConfig, lpips: Mapping,
                 seed: int) -> SimpleNamespace:
     """Everything ``RefineModule`` holds for ``model.method``, checked before any image: ``segmentation`` (settings),
     ``align_net`` (or None), ``lpips`` (the refinement's net), ``segmentation_lpips`` / ``parser`` (or None),
     ``class_ids`` and ``refiner`` (the ``Method``)."""
-    seg = segmentation_settings(segmentation)
+    seg = check_segmentation(segmentation)
     if needs_align_net(method, seg):
         align_net = load_align_net(align_mask_checkpoint, generator, encoder_checkpoint,
-                                   f"model.method={method} with model.segmentation.source={seg['source']}")
+                                   f"model.method={method} with model.segmentation.source={seg.source}")
     else:
         align_net = grid_align_net(align_mask_checkpoint, generator, encoder_checkpoint)
     net = LPIPSLoss(**lpips)

@@ -11,6 +11,7 @@ mode. DHR's segmentation: ``networks.refine.segmenter.DomainSegmenter``.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
@@ -19,12 +20,13 @@ import torch
 from lightning_modules.edit_metrics import load_edit_scorer
 from lightning_modules.metrics import MetricTable, loader_size, method_comparison
 from lightning_modules.stage1_handoff import FrozenStage1
-from lightning_modules.stage3_build import SEGMENTATION_DEFAULTS, build_parts, method_class  # noqa: F401
+from lightning_modules.stage3_build import as_config, build_parts, method_class
 from lightning_modules.stage3_edits import (edit_grid, edited_codes, grid_edits, grid_renderers,  # noqa: F401
                                             grid_strengths, load_output_edit)
 from lightning_modules.stage3_scoring import SUMMARY_COLUMNS, score_batch
-from networks.refine.hybrid import WEIGHT_FORMATS, RefineState, state_for_image
-from networks.refine.segmenter import ground_truth_missing
+from networks.refine.hybrid import WEIGHT_FORMATS, RefineConfig, image_states
+from networks.refine.methods import FeatureOnlyConfig, PTIConfig
+from networks.refine.segmenter import SegmentationConfig, ground_truth_missing
 
 Tensor = torch.Tensor
 METHODS = ("e4e", "pti", "feature_only", "ood_blend", "dhr")  # the built-in methods (the benchmark runs them all)
@@ -36,37 +38,40 @@ class RefineModule(FrozenStage1, pl.LightningModule):
     Args (every key is commented in ``experiments/configs/model/refine.yaml``):
         encoder_checkpoint: stage-1 hand-off (e4e layout); method: one of ``METHODS``.
         align_mask_checkpoint: stage-2 ``align_mask.pt`` (ood_blend, segmentation.source align_mask / both).
-        refine: ``RefineConfig`` kwargs; pti / feature_only: {steps, lr} of ``PTI`` / ``FeatureOnly``.
-        segmentation: over ``SEGMENTATION_DEFAULTS``; lpips: ``LPIPSLoss`` kwargs (refinement and metric).
+        refine, pti, feature_only, segmentation: ``RefineConfig``, ``PTIConfig``, ``FeatureOnlyConfig``,
+            ``SegmentationConfig`` (Hydra instantiates them; a mapping of some fields also works, None = defaults).
+        lpips: ``LPIPSLoss`` kwargs (refinement and metric).
         edit: evaluation edit {direction, strength, attribute, classifier}; edits: ``mode=invert`` edits.
         save_weights: tuned weights in each ``refine_state.pt``: delta_bf16 | full | none.
         n_grid: images in the grid of the first test batch; seed: of the coarse projection (image b: seed + b).
     """
 
     def __init__(self, encoder_checkpoint: str, method: str = "dhr", align_mask_checkpoint: Optional[str] = None,
-                 refine: Optional[dict] = None, pti: Optional[dict] = None, feature_only: Optional[dict] = None,
-                 segmentation: Optional[dict] = None, lpips: Optional[dict] = None, edit: Optional[dict] = None,
-                 edits: Optional[list] = None, save_weights: str = "delta_bf16", n_grid: int = 8, seed: int = 0):
+                 refine: Optional[RefineConfig] = None, pti: Optional[PTIConfig] = None,
+                 feature_only: Optional[FeatureOnlyConfig] = None, segmentation: Optional[SegmentationConfig] = None,
+                 lpips: Optional[dict] = None, edit: Optional[dict] = None, edits: Optional[list] = None,
+                 save_weights: str = "delta_bf16", n_grid: int = 8, seed: int = 0):
         super().__init__()
         method_class(method)  # ValueError naming model.method when it is not a method
+        configs = [as_config(c, cls) for c, cls in ((refine, RefineConfig), (pti, PTIConfig), (feature_only,
+                                                   FeatureOnlyConfig), (segmentation, SegmentationConfig))]
+        refine, pti, feature_only, segmentation = map(asdict, configs)  # plain dicts in hparams (loggers, records)
         self.save_hyperparameters()
         self.method = method
         self.load_stage1(encoder_checkpoint)
         parts = build_parts(method, self.generator, self.latent_avg, self.encoder_checkpoint, align_mask_checkpoint,
-                            refine, pti, feature_only, segmentation, lpips or {}, seed)
+                            *configs, lpips or {}, seed)
         self.segmentation, self.align_net, self.lpips = parts.segmentation, parts.align_net, parts.lpips
         self.segmentation_lpips, self.parser, self.class_ids = parts.segmentation_lpips, parts.parser, parts.class_ids
         self.refiner = parts.refiner  # a networks.refine.methods.Method: invert / render
-        G = self.generator
-        self.edit = load_edit_scorer(edit or {}, G.style_dim)  # a plain dict: the scorer stays out of checkpoints
-        self.edits = [load_output_edit(dict(e), G.style_dim) for e in (edits or [])]
+        self.edit = load_edit_scorer(edit or {}, self.generator.style_dim)  # a plain dict, out of checkpoints
+        self.edits = [load_output_edit(dict(e), self.generator.style_dim) for e in (edits or [])]
         if save_weights not in WEIGHT_FORMATS:
             raise ValueError(f"model.save_weights={save_weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
         self.is_finished: Optional[Callable[[str], bool]] = None  # set by the InversionWriter (WritesInversions)
         self.test_table = MetricTable()
         self.grid_batch: Optional[Dict[str, Tensor]] = None
-        # set by callbacks.edit_grid.EditGrid ({"strengths", "n_columns", "n"}); the grid of test batch 0 lands in
-        # edit_grid_batch (see edit_grid); no request, no grid (no cost)
+        # contracts.DrawsEditGrids: set by callbacks.edit_grid.EditGrid; no request, no grid (no cost)
         self.edit_grid_request: Optional[Dict[str, Any]] = None
         self.edit_grid_batch: Optional[Dict[str, Dict[str, Any]]] = None
 
@@ -75,15 +80,6 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         every constructor argument but the evaluation-only ones, plus the resolved refinement."""
         ignored = ("n_grid", "edit")
         return {**{f"model.{k}": v for k, v in self.hparams.items() if k not in ignored}, **self.refiner.settings()}
-
-    @property
-    def refine_config(self):
-        """The resolved ``RefineConfig`` of a refining method (None for e4e / ood_blend); settable."""
-        return getattr(self.refiner, "config", None)
-
-    @refine_config.setter
-    def refine_config(self, config) -> None:
-        self.refiner.config = config
 
     # ------------------------------------------------------------------ the method's two calls
     def segment(self, images: Tensor, codes: Tensor, taps: Mapping[str, Tensor]) -> Dict[str, Tensor]:
@@ -94,7 +90,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
     def uses_ground_truth(self) -> bool:
         """Whether the method segments with the ground-truth OOD mask (``model.segmentation.source=ground_truth``,
         the evaluation oracle): a method with a segmenter (DHR) and that source."""
-        return self.segmentation["source"] == "ground_truth" and \
+        return self.segmentation.source == "ground_truth" and \
             callable(getattr(getattr(self.refiner, "segmenter", None), "given_ood_mask", None))
 
     def invert(self, images: Tensor, ood_mask: Optional[Tensor] = None) -> Dict[str, Any]:
@@ -104,12 +100,11 @@ class RefineModule(FrozenStage1, pl.LightningModule):
 
         ``ood_mask`` (B, 1, S, S), 1 = OOD: the ground truth, used only by the oracle source
         (``model.segmentation.source=ground_truth``; ValueError naming it when the mask is None)."""
-        if not self.uses_ground_truth:
-            codes, taps = self.encode(images)
-            return self.refiner.invert(images, codes, taps)
-        if ood_mask is None:
+        if self.uses_ground_truth and ood_mask is None:
             raise ValueError(ground_truth_missing("the batch has no ground-truth OOD mask ('ood_mask')"))
         codes, taps = self.encode(images)
+        if not self.uses_ground_truth:
+            return self.refiner.invert(images, codes, taps)
         with self.refiner.segmenter.given_ood_mask(ood_mask.to(images.device)):
             return self.refiner.invert(images, codes, taps)
 
@@ -172,20 +167,15 @@ class RefineModule(FrozenStage1, pl.LightningModule):
             if not rows:
                 return out
             x, gt = x[finite], truth[rows].to(x.device) if truth is not None else None
-            for name, mask in zip(out["names"], gt if self.uses_ground_truth else []):
-                if not bool(torch.isfinite(mask).all()):  # the data gives an image without a mask NaN (unknown)
-                    raise ValueError(ground_truth_missing(f"masks=DIR has no readable mask {name}.png for the image "
-                                                          f"{name!r}"))
+            missing = [n for n, m in zip(out["names"], gt if self.uses_ground_truth else []) if m.isnan().any()]
+            if missing:  # the data gives an image without a (readable) mask an all-NaN one: unknown
+                raise ValueError(ground_truth_missing(f"masks=DIR has no readable mask {missing[0]}.png for the image "
+                                                      f"{missing[0]!r}"))
             start = time.perf_counter()
             result = self.invert(x, gt)
             seconds = (time.perf_counter() - start) / x.shape[0]
             edits = {k: self.render_edit(result, x, c) for k, c in edited_codes(self.edits, result["codes"]).items()}
-        state: Optional[RefineState] = result["state"]
-        states = [None] * x.shape[0]
-        for j in range(x.shape[0]):
-            if state is not None and not bool(state.failed[j]):
-                states[j] = state_for_image(state, j, self.generator, weights=self.hparams.save_weights)
-                states[j]["codes"] = result["codes"][j].detach().cpu().clone()
+        states = image_states(result["state"], result["codes"], self.generator, self.hparams.save_weights)
         out["extra"].update(seconds=seconds, encoder_checkpoint=self.encoder_checkpoint)
         return {**out, "images": x, "result": result, "edits": edits, "states": states, "ground_truth": gt}
 

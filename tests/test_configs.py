@@ -145,3 +145,26 @@ def test_wandb_sweep_file_drives_run_py_with_valid_overrides(compose_cfg):
         cfg = compose_cfg(["+exp=dhr", *(f"{n}={v}" for n, v in zip(names, values))])
         for name, value in zip(names, values):
             assert OmegaConf.select(cfg, name) == value
+
+
+def test_stage3_settings_are_dataclasses_whose_defaults_the_yaml_lists():
+    """model.refine / pti / feature_only / segmentation: Hydra builds the dataclasses (their one place of defaults);
+    model/refine.yaml lists exactly those defaults (documentation, command-line overrides), experiments override."""
+    from dataclasses import asdict, is_dataclass
+
+    from networks.refine.hybrid import RefineConfig
+    from networks.refine.methods import FeatureOnlyConfig, PTIConfig
+    from networks.refine.segmenter import SegmentationConfig
+
+    model = raw_compose(["model=refine"]).model
+    for key, cls in (("refine", RefineConfig), ("pti", PTIConfig), ("feature_only", FeatureOnlyConfig),
+                     ("segmentation", SegmentationConfig)):
+        node = OmegaConf.to_container(model[key])
+        assert node.pop("_target_") == f"{cls.__module__}.{cls.__qualname__}", key
+        defaults = asdict(cls())
+        assert node == defaults, key
+        built = instantiate(model[key], _convert_="all")
+        assert type(built) is cls and all(is_dataclass(v) for k, v in vars(built).items()
+                                          if k in ("coarse", "lpips", "superpixels")), key
+    dhr = instantiate(raw_compose(["+exp=dhr", "paths.run_dir=/tmp/unused"]).model.segmentation, _convert_="all")
+    assert dhr.lpips is None and dhr.coarse.resolution is None and dhr.coarse.steps == 40  # overridden / kept fields

@@ -185,7 +185,8 @@ def test_segment_wires_the_official_dss(tmp_path):
     torch.testing.assert_close(seg["error_map"], upsampled_error(maps, (64, 64)))
     # the named departures reach the projection: the stage-1 file's average, PTI's std, the tensor resize
     ours = {"start": "latent_avg", "noise_std": "biased", "target_resize": "antialiased"}
-    module.refiner.segmenter.settings["coarse"].update(ours)
+    for key, value in ours.items():
+        setattr(module.refiner.segmenter.settings.coarse, key, value)
     coarse = project(module.generator, images, perceptual=module.segmentation_lpips, latent_avg=module.latent_avg[0],
                      space="w", steps=2, lr=0.1, loss_resolution=32, clamp=True)
     with torch.no_grad():
@@ -202,15 +203,18 @@ def test_segment_wires_the_official_dss(tmp_path):
 
 
 def test_configs_official_by_default_synthfaces_variants_named(compose_cfg):
-    from lightning_modules.stage3_module import SEGMENTATION_DEFAULTS
+    from dataclasses import asdict
 
+    from networks.refine.segmenter import SegmentationConfig
+
+    defaults = asdict(SegmentationConfig())  # the one place of every default
     refine = yaml.safe_load((ROOT / "experiments" / "configs" / "model" / "refine.yaml").read_text())["segmentation"]
     official = {"coarse": {"steps": 40, "lr": 0.1, "resolution": 256, "clamp": True, "error_image": "last_step",
                            "start": "sampled_mean", "noise_std": "unbiased", "target_resize": "pil_uint8"},
                 "lpips": {"net": "vgg", "backbone_weights": None, "allow_random_backbone": False},
                 "error_scoring": "official_per_layer", "slic_input": "bgr_uint8"}
     for key, value in official.items():
-        assert refine[key] == value == SEGMENTATION_DEFAULTS[key], key
+        assert refine[key] == value == defaults[key], key
     seg = compose_cfg(["+exp=dhr"]).model.segmentation                # SynthFaces, 64 px
     assert seg.lpips is None and seg.error_scoring == "upsampled_sum" and seg.coarse.resolution is None
     assert seg.slic_input == "bgr_uint8" and seg.coarse.clamp and seg.coarse.error_image == "last_step"

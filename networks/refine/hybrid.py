@@ -432,6 +432,18 @@ def state_for_image(state: RefineState, i: int, base: Generator, weights: str = 
     return out
 
 
+def image_states(state: Optional[RefineState], codes: torch.Tensor, base: Generator,
+                 weights: str = "delta_bf16") -> List[Optional[dict]]:
+    """``state_for_image`` of every image of a batch with its W+ code (``codes`` (B, L, D)) under ``"codes"``: what
+    re-editing an image needs; None for an image whose refinement failed, and for every image without a state (a
+    method that does not refine)."""
+    out: List[Optional[dict]] = [None] * codes.shape[0]
+    for j in range(codes.shape[0]):
+        if state is not None and not bool(state.failed[j]):
+            out[j] = {**state_for_image(state, j, base, weights=weights), "codes": codes[j].detach().cpu().clone()}
+    return out
+
+
 def state_from_images(dicts: Sequence[dict], base: Generator) -> RefineState:
     """Re-stack per-image dicts from ``state_for_image`` into a batch ``RefineState`` on ``base``'s device.
 

@@ -21,7 +21,7 @@ net are passed in.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
@@ -168,6 +168,23 @@ class PTI(HybridRefinement):
     def in_domain(self, images, codes, taps):
         b, _, s, _ = images.shape
         return images.new_ones(b, 1, s, s), None, {}
+
+
+@dataclass
+class PTIConfig:
+    """``model.pti``: Adam steps / learning rate of PTI's weights (official PTI: 350, 3e-4)."""
+
+    steps: int = 350
+    lr: float = 3e-4
+
+
+@dataclass
+class FeatureOnlyConfig:
+    """``model.feature_only``: Adam steps / learning rate of the feature map (default: DHR's official feature settings,
+    ``RefineConfig``'s 100 steps at 0.09)."""
+
+    steps: int = RefineConfig.feature_steps
+    lr: float = RefineConfig.feature_lr
 
 
 class FeatureOnly(HybridRefinement):
