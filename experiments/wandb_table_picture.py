@@ -3,7 +3,8 @@
 Reads ``test/per_image`` from ``<run_dir>/wandb/offline-run-*/run-*.wandb`` (the table is a ``run_table`` artifact:
 its JSON and thumbnails are the files the run logged; ``tests/helpers/wandb_offline.py`` decodes the run file) and
 draws the rows that have pictures, lowest PSNR first: name and metrics, then ``input``, ``reconstruction``, ``mask``
-(the logged mask layers over the input: prediction red, ground truth green, both yellow) and ``edit``.
+(the logged mask layers over the input: prediction red, ground truth green, both yellow), ``edit`` and the other
+picture columns (the output edits, ``smile_-3`` ...).
 
     python experiments/wandb_table_picture.py outputs/dhr/<run> --rows 5   # the README picture
 """
@@ -56,7 +57,8 @@ def draw(run_dir, out, rows: int = 6, key: str = "test/per_image") -> Path:
     shown = [dict(zip(columns, r)) for r in table["data"] if dict(zip(columns, r)).get("input")]
     shown.sort(key=lambda r: r["psnr"] if r.get("psnr") is not None else -np.inf)
     shown = shown[:rows]
-    pictures = [c for c in PICTURES if c in columns]
+    pictures = [c for c in PICTURES if c in columns]  # then any other picture column (stage 3: the output edits)
+    pictures += [c for c in columns if c not in pictures and any(isinstance(r.get(c), dict) for r in shown)]
     fig, axes = plt.subplots(len(shown), len(pictures) + 1, figsize=(1.9 * (len(pictures) + 1.1), 1.9 * len(shown)),
                              squeeze=False, gridspec_kw={"width_ratios": [1.1] + [1] * len(pictures)})
     for i, row in enumerate(shown):
