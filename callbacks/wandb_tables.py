@@ -116,11 +116,14 @@ class WandbMetricTable(pl.Callback):
         val_key: W&B key of the validation table.
         val_pictures: validation images in each validation table (0 = none).
         threshold: the predicted mask's threshold (mask layers are 0 / 1).
+        columns: metric columns every test table has, in this order, empty where a run has no value (e.g. mask IoU
+            for a method without a mask), so the runs of a comparison share one schema; the other metrics follow.
+            None = the metrics found, in order.
     """
 
     def __init__(self, key: str = "test/per_image", pictures: int = 64, thumbnail: Optional[int] = 128,
                  pick: str = "lowest", pick_by: str = "psnr", val_key: str = "val/per_image", val_pictures: int = 8,
-                 threshold: float = 0.5):
+                 threshold: float = 0.5, columns: Optional[Sequence[str]] = None):
         super().__init__()
         if pick not in PICKS:
             raise ValueError(f"WandbMetricTable: pick={pick!r}; choose one of {', '.join(PICKS)}")
@@ -132,6 +135,7 @@ class WandbMetricTable(pl.Callback):
         self.key, self.pictures, self.pick, self.pick_by = key, int(pictures), pick, pick_by
         self.thumbnail = int(thumbnail) if thumbnail is not None else None
         self.val_key, self.val_pictures, self.threshold = val_key, int(val_pictures), float(threshold)
+        self.columns = [str(c) for c in columns] if columns else []
         self._test: List[dict] = []  # kept test images: {"name", "score", "order", "thumbs"}
         self._val: List[dict] = []  # validation rows: {"name", "metrics", "thumbs"}
         self._seen = 0
@@ -194,10 +198,12 @@ class WandbMetricTable(pl.Callback):
                               "thumbs": image_thumbnails(outputs["pictures"], i, self.thumbnail, self.threshold)})
 
     # ------------------------------------------------------------------ logging
-    def table(self, rows: Sequence[Mapping[str, Any]], pictures: Mapping[str, Mapping[str, np.ndarray]]):
-        """Columns and data of a table: ``name``, the metric columns of ``rows`` (``MetricTable`` rows), then the
-        picture columns; ``pictures`` maps a name to its thumbnails (other rows get empty picture cells)."""
-        metric_cols: List[str] = []
+    def table(self, rows: Sequence[Mapping[str, Any]], pictures: Mapping[str, Mapping[str, np.ndarray]],
+              fixed: Sequence[str] = ()):
+        """Columns and data of a table: ``name``, the ``fixed`` metric columns, the other metric columns of ``rows``
+        (``MetricTable`` rows), then the picture columns; ``pictures`` maps a name to its thumbnails (other rows get
+        empty picture cells)."""
+        metric_cols: List[str] = list(fixed)
         for row in rows:
             metric_cols += [k for k in row if k != "name" and k not in metric_cols and isinstance(row[k], (int, float))]
         keys: List[str] = []
@@ -220,7 +226,7 @@ class WandbMetricTable(pl.Callback):
         loggers = self._wandb_loggers(trainer)
         if table is None or not table.rows or not trainer.is_global_zero or not loggers:
             return
-        columns, data = self.table(table.rows, {r["name"]: r["thumbs"] for r in self._test})
+        columns, data = self.table(table.rows, {r["name"]: r["thumbs"] for r in self._test}, self.columns)
         for logger in loggers:
             logger.log_table(key=self.key, columns=columns, data=data, step=trainer.global_step)
             for name, value in table.mean().items():

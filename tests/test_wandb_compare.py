@@ -86,9 +86,13 @@ def test_benchmark_wandb_logs_one_group_with_a_run_per_method(files, tmp_path, m
     for method, record in records.items():
         assert record.display_name == f"dhr-{method}-synthfaces-stylegan2-64px"
         assert set(record.tags) >= {"exp:dhr", f"method:{method}", "data:synthfaces", "generator:stylegan2-64px"}
-    # the same table schema (ood_blend adds no column e4e lacks except its mask metrics: both have every column)
+    # one table schema: e4e has no predicted mask, yet its table has the mask columns (empty) too
     tables = {m: logged_tables(p, "test/per_image")[0] for m, p in runs.items()}
-    assert tables["e4e"]["columns"][:1] == ["name"] and "input" in tables["e4e"]["columns"]
+    assert tables["e4e"]["columns"] == tables["ood_blend"]["columns"]
+    assert tables["e4e"]["columns"][:3] == ["name", "psnr", "ssim"] and "input" in tables["e4e"]["columns"]
+    iou = tables["e4e"]["columns"].index("iou@0.5")
+    assert all(row[iou] is None for row in tables["e4e"]["data"])
+    assert all(row[iou] is not None for row in tables["ood_blend"]["data"])
     assert "mask" in tables["ood_blend"]["columns"] and len(tables["ood_blend"]["data"]) == 2
     sums = {m: summary(p) for m, p in runs.items()}
     for key in ("test/psnr", "test_mean/psnr", "test_mean/ssim", "test_mean/edit_success"):
@@ -203,4 +207,5 @@ def test_hydra_multirun_over_methods_is_one_wandb_group(files, tmp_path):
     assert [r.display_name for r in records.values()] == ["dhr-e4e-synthfaces-stylegan2-64px",
                                                            "dhr-ood_blend-synthfaces-stylegan2-64px"]
     columns = [logged_tables(p, "test/per_image")[0]["columns"] for p in paths.values()]
-    assert {"name", "psnr", "input", "reconstruction", "mask", "edit"} <= set(columns[0]) & set(columns[1])
+    assert columns[0] == columns[1] and {"name", "psnr", "iou@0.5", "input", "reconstruction", "mask", "edit"} <= \
+        set(columns[0])
