@@ -1,12 +1,10 @@
 """Stage 3: Domain-Specific Hybrid Refinement (DHR, WACV 2024) and the baselines, as one thin LightningModule.
 
-Nothing is trained: each batch is inverted by a per-image test-time procedure, a ``networks.refine.methods``
-object chosen by ``method`` (e4e | pti | feature_only | ood_blend | dhr; built from the config by
-``lightning_modules.stage3_build``), run by ``trainer.test`` (metrics against the input, in / out of the
+Nothing is trained: a ``networks.refine.methods`` object chosen by ``method`` (built by ``stage3_build``) inverts each
+batch by a per-image test-time procedure, run by ``trainer.test`` (metrics against the input, in / out of the
 ground-truth OOD mask, edits: ``stage3_scoring``) or ``trainer.predict`` (``mode=invert``: ``predict_step`` returns
-per-image results through ``lightning_modules.contracts.WritesInversions``; the ``InversionWriter`` callback that
-run.py hands the Trainer writes them). Gradients are switched on inside the steps, whatever the trainer's inference
-mode. DHR's segmentation: ``networks.refine.segmenter.DomainSegmenter``.
+per-image results (``contracts.WritesInversions``) that the ``InversionWriter`` callback from run.py writes).
+Gradients are switched on inside the steps, whatever the trainer's inference mode.
 """
 from __future__ import annotations
 
@@ -69,8 +67,7 @@ class RefineModule(FrozenStage1, pl.LightningModule):
         if save_weights not in WEIGHT_FORMATS:
             raise ValueError(f"model.save_weights={save_weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
         self.is_finished: Optional[Callable[[str], bool]] = None  # set by the InversionWriter (WritesInversions)
-        self.test_table = MetricTable()
-        self.grid_batch: Optional[Dict[str, Tensor]] = None
+        self.test_table, self.grid_batch = MetricTable(), None  # grid_batch: {row: (n, C, S, S)} of test batch 0
         # contracts.DrawsEditGrids: set by callbacks.edit_grid.EditGrid; no request, no grid (no cost)
         self.edit_grid_request: Optional[Dict[str, Any]] = None
         self.edit_grid_batch: Optional[Dict[str, Dict[str, Any]]] = None
