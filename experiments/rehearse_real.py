@@ -341,8 +341,8 @@ def check_png(path: Path, size: Optional[tuple] = None) -> None:
 
 def wandb_run(run_dir: Path) -> Dict[str, object]:
     """The offline W&B run of ``run_dir``: {"dir", "history" (rows), "summary", "config"} read from its run file
-    (``tests/helpers/wandb_offline.py``)."""
-    from tests.helpers.wandb_offline import config, history, run_file, summary
+    (``experiments/utils/wandb_offline.py``)."""
+    from experiments.utils.wandb_offline import config, history, run_file, summary
 
     found = sorted(run_dir.glob("wandb/offline-run-*"))
     expect(len(found) == 1, f"{run_dir}: expected one offline W&B run, found {[p.name for p in found]}")

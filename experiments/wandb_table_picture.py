@@ -1,7 +1,7 @@
 """A picture of the per-image W&B table of an offline run, read back from the run's logged files (the README's figure).
 
 Reads ``test/per_image`` from ``<run_dir>/wandb/offline-run-*/run-*.wandb`` (the table is a ``run_table`` artifact:
-its JSON and thumbnails are the files the run logged; ``tests/helpers/wandb_offline.py`` decodes the run file) and
+its JSON and thumbnails are the files the run logged; ``experiments/utils/wandb_offline.py`` decodes the run file) and
 draws the rows that have pictures, lowest PSNR first: name and metrics, then ``input``, ``reconstruction``, ``mask``
 (the logged mask layers over the input: prediction red, ground truth green, both yellow), ``edit`` and the other
 picture columns (the output edits, ``smile_-3`` ...).
@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tests.helpers.wandb_offline import logged_tables, run_file  # noqa: E402
+from experiments.utils.wandb_offline import logged_tables, run_file  # noqa: E402
 
 PICTURES = ("input", "reconstruction", "mask", "edit")
 

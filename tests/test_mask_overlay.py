@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from callbacks.mask_overlay import MaskOverlay, overlay
-from tests.helpers.wandb_offline import history, run_file, summary
+from experiments.utils.wandb_offline import history, run_file, summary
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

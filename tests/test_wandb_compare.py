@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from experiments.utils.wandb_run import apply_wandb_identity, run_identity, run_name, run_tags
-from tests.helpers.wandb_offline import config, logged_tables, read_records, run_file, summary
+from experiments.utils.wandb_offline import config, logged_tables, read_records, run_file, summary
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from networks.editing import save_direction
 from networks.refine.hybrid import decode
 from networks.synthfaces_nets import AttributeClassifier, FaceParser, save_aux_net
 from tests.helpers.tiny_stage1 import export_tiny_stage1
-from tests.helpers.wandb_offline import config, history, read_records, run_file, summary
+from experiments.utils.wandb_offline import config, history, read_records, run_file, summary
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 FAST = dict(refine=dict(weight_steps=2, feature_steps=2, feature_resolution=16), lpips=dict(allow_random_backbone=True))

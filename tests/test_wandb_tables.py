@@ -11,7 +11,7 @@ from PIL import Image
 
 from callbacks.wandb_tables import WandbMetricTable, picture_columns, thumbnail
 from lightning_modules.metrics import MetricTable
-from tests.helpers.wandb_offline import config, logged_tables, run_file, summary
+from experiments.utils.wandb_offline import config, logged_tables, run_file, summary
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CLASSES = {"0": "in-domain", "1": "out-of-domain"}

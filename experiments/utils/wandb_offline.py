@@ -1,4 +1,4 @@
-"""Read an offline W&B run file (``run-<id>.wandb``) back, for tests that check what a run logged.
+"""Read an offline W&B run file (``run-<id>.wandb``) back: what a run logged, for tests and for scripts that draw it.
 
 W&B has no public API for offline runs (the datastore reader moved into the Go core in wandb 0.19+), so this
 small reader decodes the file itself: a 7-byte header (``:W&B``, magic 0xBEE1, version 0), then 32 KiB blocks
