@@ -434,7 +434,7 @@ def check_dhr(run_dir: Path, test_names: Sequence[str]) -> List[str]:
     cfg = run["config"]
     expect(cfg["generator"]["size"] == SIZE and cfg["data"]["_target_"].endswith("CelebAHQDataModule"),
            "W&B config: generator / data")
-    return [f"metrics/test.csv: {len(rows)} rows (CelebA-HQ test split {', '.join(test_names)}), PSNR "
+    return [f"metrics/test.csv: {len(rows)} row{'' if len(rows) == 1 else 's'} (CelebA-HQ test split {', '.join(test_names)}), PSNR "
             f"{', '.join(f'{v:.2f}' for v in psnr)}; summary.md, test.json; masks/, reconstructions/, edit grid",
             "W&B: reconstructions, masks, edit grid (e4e / ood_blend / dhr rows), per-image table, "
             "test_mean/* = the CSV means, config"]
