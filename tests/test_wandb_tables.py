@@ -162,21 +162,9 @@ def test_validation_tables_follow_training(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Tiny hand-offs of one generator (stages 1 and 2), a smile direction and an attribute classifier."""
-    from networks.align_mask import AlignMaskNet, default_levels, save_align_mask
-    from networks.editing import save_direction
-    from networks.synthfaces_nets import AttributeClassifier, save_aux_net
-    from tests.helpers.tiny_stage1 import export_tiny_stage1
+    from tests.helpers.tiny_handoffs import export_tiny_handoffs
 
-    root = tmp_path_factory.mktemp("tables")
-    encoder, g, enc, _ = export_tiny_stage1(root / "encoder.pt")
-    net = AlignMaskNet(dict(g.channels), dict(enc.feature_channels), default_levels(64), 64)
-    align = save_align_mask(root / "align_mask.pt", net, {"generator": dict(g.config), "produced_by": "test"})
-    classifier = save_aux_net(root / "classifier.pt", AttributeClassifier(resolution=64, widths=(4, 8, 8, 8),
-                                                                          feature_dim=8))
-    torch.manual_seed(3)
-    direction = save_direction(root / "smile.pt", torch.randn(1, 32))
-    return {k: str(v) for k, v in dict(encoder=encoder, align=align, classifier=classifier,
-                                       direction=direction).items()}
+    return export_tiny_handoffs(tmp_path_factory.mktemp("tables"), produced_by="test")
 
 
 def _synthfaces(tmp_path, batch_size=2):
