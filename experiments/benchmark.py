@@ -15,7 +15,9 @@ on the first ``--n`` OOD-corrupted test twins. Writes to ``--out``:
 
 ``--oracle`` (or the pseudo-method ``dhr_oracle`` in ``--methods``) adds the row "DHR with the ground-truth mask":
 ``model.method=dhr model.segmentation.source=ground_truth``, the test twins' true OOD mask as DHR's segmentation
-(evaluation only), the ceiling of DHR's refinement for a perfect mask.
+(evaluation only), the ceiling of DHR's refinement for a perfect mask. The pseudo-method ``ood_blend_unsupervised``
+is stage 2 alone with the hand-off trained without mask labels (``+exp=ood_blend_unsupervised``); ``ood_blend``
+uses the patch-supervised one.
 
     python experiments/benchmark.py --n 32 --oracle --out experiments/assets/benchmark
     python experiments/benchmark.py --methods e4e,dhr -- model.refine.feature_steps=50   # extra config overrides
@@ -51,8 +53,15 @@ from lightning_modules.stage3_module import METHODS, SUMMARY_COLUMNS  # noqa: E4
 CONFIG_DIR = ROOT / "experiments" / "configs"
 # pseudo-methods: {name: (model.method, extra overrides)}; the oracle is DHR with the ground-truth mask
 ORACLE = "dhr_oracle"
-PSEUDO_METHODS = {ORACLE: ("dhr", ["model.segmentation.source=ground_truth"])}
-ROW_LABELS = {ORACLE: "dhr_oracle (DHR with the ground-truth mask)"}
+UNSUPERVISED_STAGE2 = "ood_blend_unsupervised"
+PSEUDO_METHODS = {
+    ORACLE: ("dhr", ["model.segmentation.source=ground_truth"]),
+    # stage 2 trained without mask labels (+exp=ood_blend_unsupervised); ood_blend is the patch-supervised file
+    UNSUPERVISED_STAGE2: ("ood_blend", ["chain.align_mask.checkpoint=${paths.root_dir}/experiments/weights/"
+                                        "synthfaces/align_mask_unsupervised.pt"]),
+}
+ROW_LABELS = {ORACLE: "dhr_oracle (DHR with the ground-truth mask)",
+              UNSUPERVISED_STAGE2: "ood_blend_unsupervised (stage 2 without mask labels)"}
 # the per-family tables: one per metric
 FAMILY_COLUMNS = [("psnr", "PSNR"), ("psnr_in", "PSNR in OOD"), ("psnr_out", "PSNR out"),
                   ("iou@0.5", "mask IoU@0.5"), ("edit_success", "smile edit success")]

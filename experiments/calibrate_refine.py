@@ -116,22 +116,18 @@ def main(argv=None) -> dict:
         codes = deltas + stage1.latent_avg.float().unsqueeze(0)
 
     base = RefineConfig(feature_resolution=args.feature_resolution)
-    runs = {f"dhr {s}": ("dhr", s, replace(base, **parsed[s])) for s in schedules}
+    # (method, schedule, RefineConfig, in-domain mask from the patch masks): DHR in domain outside the patches,
+    # PTI everywhere, feature-only nowhere
+    runs = {f"dhr {s}": ("dhr", s, replace(base, **parsed[s]), lambda t: 1 - t) for s in schedules}
+    runs["pti"] = ("pti", f"{args.pti_steps}:3e-4:0", PTI.refine_config(base, steps=args.pti_steps), torch.ones_like)
+    runs["feature_only"] = ("feature_only", f"0:-:{args.feature_only_steps}",
+                            FeatureOnly.refine_config(base, steps=args.feature_only_steps), torch.zeros_like)
     rows = []
-    for label, (method, schedule, config) in [*runs.items(), ("pti", ("pti", f"{args.pti_steps}:3e-4:0", None)),
-                                               ("feature_only", ("feature_only", f"0:-:{args.feature_only_steps}",
-                                                                 None))]:
+    for label, (method, schedule, cfg, in_domain_of) in runs.items():
         outputs, states, start = [], [], time.perf_counter()
         for i in range(0, images.shape[0], args.batch):
             x, t, c = images[i:i + args.batch], truth[i:i + args.batch], codes[i:i + args.batch]
-            if method == "dhr":
-                in_domain = 1 - t
-                cfg = config
-            else:
-                m = (PTI(generator, lpips, base, steps=args.pti_steps) if method == "pti"
-                     else FeatureOnly(generator, lpips, base, steps=args.feature_only_steps))
-                in_domain, cfg = m.in_domain(x, c, None)[0], m.config
-            state = hybrid_refine(generator, c, x, in_domain, lpips, cfg)
+            state = hybrid_refine(generator, c, x, in_domain_of(t), lpips, cfg)
             with torch.no_grad():
                 outputs.append(decode(generator, state, c))
             states.append((state, c))

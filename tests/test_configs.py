@@ -168,3 +168,23 @@ def test_stage3_settings_are_dataclasses_whose_defaults_the_yaml_lists():
                                           if k in ("coarse", "lpips", "superpixels")), key
     dhr = instantiate(raw_compose(["+exp=dhr", "paths.run_dir=/tmp/unused"]).model.segmentation, _convert_="all")
     assert dhr.lpips is None and dhr.coarse.resolution is None and dhr.coarse.steps == 40  # overridden / kept fields
+
+
+def test_unsupervised_stage2_differs_from_the_shipped_recipe_only_in_the_mask_labels():
+    supervised, unsupervised = raw_compose(["+exp=ood_blend"]), raw_compose(["+exp=ood_blend_unsupervised"])
+    assert supervised.model.patch_supervision > 0 and unsupervised.model.patch_supervision == 0
+    assert unsupervised.model.train_patches.p > 0  # the unlabelled OOD content stays in the training images
+    a, b = (OmegaConf.to_container(c, resolve=False) for c in (supervised, unsupervised))
+    for cfg in (a, b):
+        cfg.pop("hydra"), cfg.pop("task_name"), cfg["model"].pop("patch_supervision")
+    assert a == b
+
+
+def test_benchmark_unsupervised_row_uses_its_own_stage2_file():
+    from experiments.benchmark import PSEUDO_METHODS, UNSUPERVISED_STAGE2, compose as benchmark_compose
+
+    method, own = PSEUDO_METHODS[UNSUPERVISED_STAGE2]
+    cfg = benchmark_compose(["+exp=dhr", f"model.method={method}", *own])
+    assert cfg.model.method == "ood_blend"
+    assert cfg.model.align_mask_checkpoint == str(CONFIG_DIR.parents[1] / "experiments" / "weights" / "synthfaces"
+                                                  / "align_mask_unsupervised.pt")

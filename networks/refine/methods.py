@@ -160,10 +160,15 @@ class PTI(HybridRefinement):
 
     def __init__(self, generator: nn.Module, perceptual: nn.Module, config: RefineConfig, steps: int = 350,
                  lr: float = 3e-4):
-        super().__init__(generator, perceptual, RefineConfig(
+        super().__init__(generator, perceptual, self.refine_config(config, steps, lr))
+
+    @staticmethod
+    def refine_config(config: RefineConfig, steps: int = 350, lr: float = 3e-4) -> RefineConfig:
+        """PTI's ``RefineConfig`` from DHR's ``config``: weights only, official PTI's whole-image loss."""
+        return RefineConfig(
             weight_steps=int(steps), weight_lr=float(lr), feature_steps=0, feature_resolution=config.feature_resolution,
             l2=config.l2, perceptual=config.perceptual, mse_normalisation="per_channel", lpips_mask="per_layer",
-            divergence_factor=config.divergence_factor))
+            divergence_factor=config.divergence_factor)
 
     def in_domain(self, images, codes, taps):
         b, _, s, _ = images.shape
@@ -199,12 +204,18 @@ class FeatureOnly(HybridRefinement):
 
     def __init__(self, generator: nn.Module, perceptual: nn.Module, config: RefineConfig,
                  steps: Optional[int] = None, lr: Optional[float] = None, resolution: Optional[int] = None):
-        super().__init__(generator, perceptual, RefineConfig(
+        super().__init__(generator, perceptual, self.refine_config(config, steps, lr, resolution))
+
+    @staticmethod
+    def refine_config(config: RefineConfig, steps: Optional[int] = None, lr: Optional[float] = None,
+                      resolution: Optional[int] = None) -> RefineConfig:
+        """Feature-only's ``RefineConfig`` from DHR's ``config``: no weight steps; feature settings overridable."""
+        return RefineConfig(
             weight_steps=0, feature_steps=int(config.feature_steps if steps is None else steps),
             feature_lr=float(config.feature_lr if lr is None else lr),
             feature_resolution=config.feature_resolution if resolution is None else resolution, l2=config.l2,
             perceptual=config.perceptual, mse_normalisation=config.mse_normalisation, lpips_mask=config.lpips_mask,
-            divergence_factor=config.divergence_factor))
+            divergence_factor=config.divergence_factor)
 
     def in_domain(self, images, codes, taps):
         b, _, s, _ = images.shape
