@@ -61,6 +61,7 @@ class FamilyChoice:
     held_out: Dict[str, float]
     floor_values: Dict[str, float] = field(default_factory=dict)
     floor_limit: Optional[float] = None
+    also: Dict[str, float] = field(default_factory=dict)  # the chosen candidate's held-out means of other columns
 
     @property
     def value(self) -> float:
@@ -105,7 +106,7 @@ def mean_of(table: Table, names: Sequence[str], key: str) -> float:
 
 def select_per_family(candidates: Mapping[str, Table], families: Mapping[str, str], metric: str,
                       maximize: bool = True, floor: Optional[Floor] = None,
-                      default: Optional[str] = None) -> List[FamilyChoice]:
+                      default: Optional[str] = None, also: Sequence[str] = ()) -> List[FamilyChoice]:
     """One `FamilyChoice` per family found among the images every table (and the floor's reference) holds.
 
     Args:
@@ -114,6 +115,7 @@ def select_per_family(candidates: Mapping[str, Table], families: Mapping[str, st
         metric: the column the rule ranks by; ``maximize`` False ranks by the lowest mean.
         floor: the admissibility condition (None: all admissible).
         default: the candidate chosen when none is admissible (None: the first).
+        also: other columns to report for the chosen candidate on the held-out family (``FamilyChoice.also``).
     """
     if len(candidates) < 2:
         raise ValueError("select_per_family: give at least two candidates")
@@ -143,32 +145,38 @@ def select_per_family(candidates: Mapping[str, Table], families: Mapping[str, st
         chosen = max(admissible, key=lambda c: sign * selection[c]) if admissible else default
         choices.append(FamilyChoice(fam, len(held), chosen, selection, admissible,
                                     {c: mean_of(t, held, metric) for c, t in candidates.items()},
-                                    floor_values, limit))
+                                    floor_values, limit, {k: mean_of(candidates[chosen], held, k) for k in also}))
     return choices
 
 
-def pooled(choices: Sequence[FamilyChoice], candidate: Optional[str] = None) -> float:
-    """Image-weighted mean over the families of the chosen candidate's held-out means (``candidate``: that one's)."""
+def pooled(choices: Sequence[FamilyChoice], candidate: Optional[str] = None, key: Optional[str] = None) -> float:
+    """Image-weighted mean over the families of the chosen candidate's held-out means (``candidate``: that one's;
+    ``key``: that ``also`` column of the choice instead of the metric)."""
     total = sum(c.n for c in choices)
+    if key is not None:
+        return sum(c.n * c.also[key] for c in choices) / total
     return sum(c.n * c.held_out[candidate or c.chosen] for c in choices) / total
 
 
 def markdown(choices: Sequence[FamilyChoice], metric: str, floor: Optional[Floor] = None, maximize: bool = True,
              digits: int = 4) -> str:
     """The table: one row per held-out family (chosen, its held-out mean, each candidate's), then the pooled row."""
-    cands = list(choices[0].held_out)
+    cands, also = list(choices[0].held_out), list(choices[0].also)
     rule = f"{'highest' if maximize else 'lowest'} mean {metric}"
     if floor is not None:
         rule += f" among candidates with mean {floor.key} >= {floor.ratio:g} x the reference's"
     head = (f"Leave-one-family-out selection by {rule}, chosen on the other families' images.\n\n"
             f"| held-out family | images | chosen (on the other families) | {metric} of the choice | "
-            + " | ".join(f"{metric}: {c}" for c in cands) + " |\n" + "|---" * (4 + len(cands)) + "|")
+            + "".join(f"{k} of the choice | " for k in also)
+            + " | ".join(f"{metric}: {c}" for c in cands) + " |\n" + "|---" * (4 + len(also) + len(cands)) + "|")
     lines = [head]
     for c in choices:
         note = "" if c.chosen in c.admissible else " (none admissible: default)"
         lines.append(f"| {c.family} | {c.n} | {c.chosen}{note} | {c.value:.{digits}g} | "
+                     + "".join(f"{c.also[k]:.{digits}g} | " for k in also)
                      + " | ".join(f"{c.held_out[k]:.{digits}g}" for k in cands) + " |")
     lines.append(f"| **all, each family held out** | {sum(c.n for c in choices)} | – | **{pooled(choices):.{digits}g}** | "
+                 + "".join(f"**{pooled(choices, key=k):.{digits}g}** | " for k in also)
                  + " | ".join(f"{pooled(choices, k):.{digits}g}" for k in cands) + " |")
     return "\n".join(lines)
 
@@ -191,6 +199,8 @@ def main(argv=None) -> List[FamilyChoice]:
     parser.add_argument("--reference", default=None, help="per-image CSV the --floor is relative to (e.g. PTI's)")
     parser.add_argument("--floor", default=None, metavar="KEY:RATIO", help="admissible: mean KEY >= RATIO x reference's")
     parser.add_argument("--default", default=None, help="the candidate chosen when none is admissible (first)")
+    parser.add_argument("--also", action="append", default=[], metavar="KEY",
+                        help="also report the choice's held-out mean of this column (repeatable)")
     parser.add_argument("--data", default=str(ROOT / "data" / "synthfaces"), help="SynthFaces root (ood/meta.json)")
     parser.add_argument("--out", default=None, help="also write the Markdown table here")
     args = parser.parse_args(argv)
@@ -209,7 +219,7 @@ def main(argv=None) -> List[FamilyChoice]:
     tables = {name: read_table(path) for name, path in candidates.items()}
     try:
         choices = select_per_family(tables, read_families(args.data), args.metric, not args.minimize, floor,
-                                    args.default)
+                                    args.default, args.also)
     except ValueError as exc:
         raise SystemExit(str(exc))
     text = markdown(choices, args.metric, floor, not args.minimize)

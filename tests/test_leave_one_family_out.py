@@ -44,8 +44,9 @@ def test_floor_relative_to_the_reference_and_default_when_none_passes():
     soft = table({"hand": 25, "text": 25, "hat": 25}, edit=0.5)
     reference = table({"hand": 0, "text": 0, "hat": 0}, edit=0.5)
     floor = Floor("edit_success", 0.9, reference)
-    choices = select_per_family({"sharp": sharp, "soft": soft}, FAMILIES, "psnr", floor=floor)
+    choices = select_per_family({"sharp": sharp, "soft": soft}, FAMILIES, "psnr", floor=floor, also=["edit_success"])
     assert all(c.chosen == "soft" and c.admissible == ["soft"] for c in choices)
+    assert all(c.also == {"edit_success": 0.5} for c in choices) and pooled(choices, key="edit_success") == 0.5
     assert choices[0].floor_limit == pytest.approx(0.45) and choices[0].floor_values["sharp"] == 0.2
     strict = Floor("edit_success", 2.0, reference)   # nobody reaches 1.0: the default is kept
     choices = select_per_family({"sharp": sharp, "soft": soft}, FAMILIES, "psnr", floor=strict, default="sharp")
@@ -80,10 +81,11 @@ def test_cli_reads_csvs_and_meta_and_writes_the_table(tmp_path, capsys):
     assert read_table(a)["a1"] == {"iou@0.5": 0.9}
     out = tmp_path / "lofo.md"
     choices = main(["--metric", "iou@0.5", "--candidate", f"a={a}", "--candidate", f"b={b}", "--data", str(data),
-                    "--out", str(out)])
+                    "--out", str(out), "--also", "iou@0.5"])
     assert [(c.family, c.chosen) for c in choices] == [("hand", "b"), ("hat", "a"), ("text", "a")]
     text = out.read_text()
-    assert "| hand | 2 | b | 0.3 |" in text and "| **all, each family held out** | 6 |" in text
+    assert "| hand | 2 | b | 0.3 | 0.3 | 0.9 | 0.3 |" in text
+    assert "| **all, each family held out** | 6 | – | **0.1667** | **0.1667** | 0.3667 | 0.3 |" in text
     assert text.strip() in capsys.readouterr().out
 
 
