@@ -167,7 +167,8 @@ def test_stage3_settings_are_dataclasses_whose_defaults_the_yaml_lists():
         assert type(built) is cls and all(is_dataclass(v) for k, v in vars(built).items()
                                           if k in ("coarse", "lpips", "superpixels")), key
     dhr = instantiate(raw_compose(["+exp=dhr", "paths.run_dir=/tmp/unused"]).model.segmentation, _convert_="all")
-    assert dhr.lpips is None and dhr.coarse.resolution is None and dhr.coarse.steps == 40  # overridden / kept fields
+    assert dhr.lpips.net == "synthfaces" and dhr.coarse.resolution is None and dhr.coarse.steps == 40  # overridden / kept
+    assert is_dataclass(dhr.lpips)
 
 
 def test_unsupervised_stage2_differs_from_the_shipped_recipe_only_in_the_mask_labels():

@@ -216,7 +216,8 @@ def test_configs_official_by_default_synthfaces_variants_named(compose_cfg):
     for key, value in official.items():
         assert refine[key] == value == defaults[key], key
     seg = compose_cfg(["+exp=dhr"]).model.segmentation                # SynthFaces, 64 px
-    assert seg.lpips is None and seg.error_scoring == "upsampled_sum" and seg.coarse.resolution is None
+    assert seg.lpips.net == "synthfaces" and seg.lpips.backbone_weights.endswith("synthfaces/attribute_classifier.pt")
+    assert seg.error_scoring == "upsampled_sum" and seg.coarse.resolution is None
     assert seg.slic_input == "bgr_uint8" and seg.coarse.clamp and seg.coarse.error_image == "last_step"
     header = (ROOT / "experiments" / "configs" / "exp" / "dhr.yaml").read_text()
     real_face = ["model.segmentation.coarse.resolution=256", "model.segmentation.error_scoring=official_per_layer",
