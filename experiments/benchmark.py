@@ -72,7 +72,8 @@ HELD_OUT = (
     "thresholds are calibrated on training images with the same generic patches "
     "(`experiments/calibrate_segmentation.py`). Every family below is held out. (Caveat, model selection rather "
     "than training: some shipped design choices were compared on these test twins, e.g. the stage-2 "
-    "`patch_supervision` weight and `error_cue`, see the README's stage-2 section.)")
+    "`patch_supervision` weight and `error_cue`, see the README's stage-2 section; "
+    "`experiments/leave_one_family_out.py` re-makes a choice with each family held out of it.)")
 
 
 def compose(overrides: List[str]):
