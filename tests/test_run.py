@@ -225,7 +225,7 @@ def test_help_lists_experiments_groups_and_main_keys(tmp_path):
     assert {"stylegan", "e4e", "psp", "ood_blend", "dhr", "pti", "feature_only"} <= set(exp_line[5:].split(", "))
 
 
-@pytest.mark.parametrize("args, expected", [(["+exp=nope"], "Available experiments: dhr, e4e, feature_only, ood_blend, ood_blend_official, psp, pti, stylegan"),
+@pytest.mark.parametrize("args, expected", [(["+exp=nope"], "Available experiments: dhr, e4e, feature_only, ood_blend, ood_blend_official, ood_blend_unsupervised, psp, pti, stylegan"),
                                             (["exp=stylegan"], "Write +exp=stylegan")])
 def test_script_rejects_bad_exp_without_traceback(tmp_path, args, expected):
     result = run_script(*args, cwd=tmp_path)
