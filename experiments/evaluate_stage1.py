@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from datamodules.synthfaces_datamodule import SynthFacesEvalDataset  # noqa: E402
+from datamodules.synthfaces_datamodule import SynthFacesDataModule, SynthFacesEvalDataset  # noqa: E402
 from lightning_modules.edit_metrics import attribute_change  # noqa: E402
 from lightning_modules.metrics import MetricTable, image_metrics  # noqa: E402
 from lightning_modules.perceptual import LPIPSLoss  # noqa: E402
@@ -36,9 +36,15 @@ from networks.synthfaces_nets import load_attribute_classifier  # noqa: E402
 WEIGHTS = ROOT / "experiments" / "weights" / "synthfaces"
 
 
-def load_clean_images(root: Path, resolution: int, n: int):
-    """First ``n`` clean test images (n, 3, R, R) in [-1, 1] and their names."""
-    dataset = SynthFacesEvalDataset(root, resolution, variant="clean")
+def load_clean_images(root: Path, resolution: int, n: int, split: str = "test"):
+    """First ``n`` clean images of ``split`` ("test", or "val": the validation images of ``splits.json``, for choices
+    that must not look at the test images) as (n, 3, R, R) in [-1, 1], and their names."""
+    if split == "val":
+        data = SynthFacesDataModule.from_existing(root, resolution)
+        data.setup_fit()
+        dataset = data.val_set
+    else:
+        dataset = SynthFacesEvalDataset(root, resolution, variant="clean")
     items = [dataset[i] for i in range(min(n, len(dataset)))]
     return torch.stack([it["image"] for it in items]), [it["name"] for it in items]
 
@@ -71,6 +77,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--encoder", required=True, help="encoder.pt (e4e layout) from +exp=e4e / +exp=psp")
     parser.add_argument("--data", default=str(ROOT / "data" / "synthfaces"), help="SynthFaces dataset directory")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="clean images to score: the test split, or the validation split (for model choices)")
     parser.add_argument("--n", type=int, default=500, help="test images for the encoder")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--projection-n", type=int, default=32, help="test images for the optimisation (0 = skip)")
@@ -88,7 +96,7 @@ def main(argv=None) -> dict:
     loaded.encoder.eval()
     generator = loaded.generator.eval().requires_grad_(False)
     lpips = LPIPSLoss(backbone_weights=args.lpips_weights, allow_random_backbone=args.lpips_weights is None)
-    images, names = load_clean_images(Path(args.data), generator.size, args.n)
+    images, names = load_clean_images(Path(args.data), generator.size, args.n, args.split)
 
     results, tables, codes_of = {}, {}, {}
     codes, recon, speed = encode_all(loaded, images, args.batch)
@@ -124,7 +132,7 @@ def main(argv=None) -> dict:
             score = attribute_change(classifier, recon, edited, "smile", direction=args.strength)
             edits[method] = {"success": float(score["success"].mean()), "mean_change": float(score["change"].mean())}
 
-    lines = [f"Stage one on {images.shape[0]} held-out clean SynthFaces test images ({args.encoder}; "
+    lines = [f"Stage one on {images.shape[0]} held-out clean SynthFaces {args.split} images ({args.encoder}; "
              f"torch threads {torch.get_num_threads()})", "",
              f"| method | n | PSNR dB | SSIM | MSE | {lpips.metric_name} | images/s | smile edit success "
              f"(+{args.strength:g}) | mean smile change |", "|---|---|---|---|---|---|---|---|---|"]

@@ -30,6 +30,19 @@ def test_table_has_both_methods_and_per_image_files(tmp_path, capsys):
     assert json.loads(out.with_suffix(".json").read_text())["rows"]["Encoder4Editing"]["n"] == 6
 
 
+
+def test_validation_split_scores_the_validation_images(tmp_path, capsys):
+    data = write_dataset(tmp_path / "sf", n=40, size=32, seed=0, n_eval=6, log=lambda _: None)
+    path = export_tiny_stage1(tmp_path / "encoder.pt", size=32, style_dim=16, n_mlp=1, channel_multiplier=2,
+                              channel_max=16).path
+    out = tmp_path / "report" / "val.md"
+    main(["--encoder", str(path), "--data", str(data), "--split", "val", "--n", "3", "--batch", "4",
+          "--projection-n", "0", "--direction", "", "--out", str(out)])
+    assert "held-out clean SynthFaces val images" in capsys.readouterr().out
+    val = sorted(json.loads((data / "splits.json").read_text())["val"])[:3]
+    names = [line.split(",")[0] for line in (out.parent / "val_Encoder4Editing.csv").read_text().splitlines()[1:]]
+    assert [int(name.rsplit("/", 1)[-1]) for name in names] == val  # the validation images, not the test split
+
 def test_attribute_change_and_ood_preservation():
     torch.manual_seed(0)
     clf = AttributeClassifier(resolution=16, widths=(4, 8), feature_dim=8, attributes=["smile", "glasses"])
